@@ -1,0 +1,307 @@
+"""model.py: load Qwen2-VL, build its inputs, and score completions.
+
+    policy, tokenizer, image_processor = load("Qwen/Qwen2-VL-2B-Instruct")   # or a local dir, or "tiny"
+    batch = build_inputs(tokenizer, image_processor, [image], ["What is 2+3?"])
+    logp = completion_logprobs(policy, batch, completion_ids, temperature=1.0)
+
+Everything the RL step needs from the model lives here: the prompt (the R1-VL section format,
+METHOD.md §2), the image-token expansion, the 3-D M-RoPE positions, and the per-token log-probs
+of completion tokens. `Qwen2VLProcessor` is not used (it cannot be built without torchvision), so
+inputs are made from the tokenizer and the image processor directly, the same way it makes them.
+"""
+import inspect
+import importlib.util
+import math
+import os
+
+import torch
+from PIL import Image
+from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer,
+                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+
+MIN_PIXELS, MAX_PIXELS = 3136, 400_000     # the paper's image limits (≈510 visual tokens at most)
+MAX_PROMPT_LEN = 1024                      # longer prompts are skipped, never cut into image tokens
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+SYSTEM = "You are a helpful assistant."   # Qwen2-VL's default system turn; R1-VL sets no other
+
+# Our wording of the R1-VL instruction: it names every section of the response format.
+R1VL_INSTRUCTION = (
+    "Answer the question about the image. Reason step by step and reply in exactly this format:\n"
+    "### Image Description:\n### Rationales:\n### Let's think step by step.\n### Step 1:\n"
+    "### Step 2: (as many steps as needed)\n### The final answer is: <answer>\n\nQuestion: {question}")
+PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phrase."
+
+# The embedded preset: a real Qwen2-VL architecture, small enough to train on a laptop CPU.
+# Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.
+TINY = dict(vocab_size=1024, text_layers=4, hidden=128, heads=4, kv_heads=2, mlp=512,
+            vision_depth=2, vision_dim=64, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pixels=None, max_pixels=None):
+    """Return (model, tokenizer, image_processor) for a hub id, a local directory or "tiny".
+
+    bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
+    when it is installed and a GPU is present. One pixel range is set on the image processor and
+    used everywhere (rollout, scoring, evaluation), so the number of image tokens never differs.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if attn_implementation is None:
+        fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        attn_implementation = "flash_attention_2" if fa2 and dtype != torch.float32 else "sdpa"
+    if name == "tiny":
+        model, tokenizer, image_processor = build_tiny()
+        model = model.to(dtype)
+    else:
+        if not os.path.isdir(name) and (name.startswith(".") or name.startswith("/")):
+            raise FileNotFoundError(f"model directory {name!r} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        image_processor = AutoImageProcessor.from_pretrained(name)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+    if min_pixels or max_pixels or name != "tiny":
+        set_pixel_range(image_processor, min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS)
+    tokenizer.padding_side = "left"
+    model.config.use_cache = True
+    return model.to(device), tokenizer, image_processor
+
+
+def set_pixel_range(image_processor, min_pixels, max_pixels):
+    """The image processor resizes every image into [min_pixels, max_pixels] (keeping aspect)."""
+    image_processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+
+
+def build_tiny(seed=0, **overrides):
+    """A Qwen2-VL with random weights from the TINY preset and a byte-level BPE tokenizer trained here.
+
+    Deterministic for a given seed. It saves with `save_pretrained` into a directory that plain
+    transformers loads back (AutoModelForImageTextToText, AutoTokenizer, AutoImageProcessor).
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    c = {**TINY, **overrides}
+    tokenizer = tiny_tokenizer(c["vocab_size"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS + STOP_TOKENS}
+    head_dim = c["hidden"] // c["heads"]
+    quarter = head_dim // 2 // 4           # M-RoPE splits the rotary half into (t, h, w) = 1/4, 3/8, 3/8
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=c["hidden"], intermediate_size=c["mlp"],
+                         num_hidden_layers=c["text_layers"], num_attention_heads=c["heads"],
+                         num_key_value_heads=c["kv_heads"], max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
+                                                            (head_dim // 2 - quarter) // 2]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=c["vision_depth"], embed_dim=c["vision_dim"], hidden_size=c["hidden"],
+                           num_heads=c["vision_heads"], mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=c["min_pixels"], max_pixels=c["max_pixels"])
+    set_pixel_range(image_processor, c["min_pixels"], c["max_pixels"])
+    return model, tokenizer, image_processor
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"] + VISION_TOKENS
+
+# Qwen2-VL's chat format as a Jinja template, so `apply_chat_template` gives the prompts we build.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(vocab_size=1024):
+    """Byte-level BPE (any text encodes) trained on a small built-in corpus, with Qwen2-VL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    words = ("the a of and to is in are how many which what more than fewer most least each total sum "
+             "difference cells cell row column grid colour color red green blue yellow white black count "
+             "counts there image shows question answer compare number numbers equal plus minus times "
+             "so then first second third last step steps option options because need we")
+    corpus = [R1VL_INSTRUCTION.format(question=words), PLAIN_INSTRUCTION.format(question=words), SYSTEM, words,
+              "### Image Description:\n### Rationales:\n### Let's think step by step.\n"
+              "### The final answer is: ", " ".join(f"### Step {i}:" for i in range(1, 10)),
+              " ".join(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} x {b} = {a * b}."
+                       for a in range(13) for b in range(13)), "A B C D E (A) (B) (C) (D) Yes No yes no"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus * 3, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def prompt_text(question, style="r1vl", image=True):
+    """The full chat prompt for one question: default system turn, user turn (image first), assistant header."""
+    instruction = {"r1vl": R1VL_INSTRUCTION, "plain": PLAIN_INSTRUCTION}[style].format(question=question)
+    vision = "<|vision_start|><|image_pad|><|vision_end|>" if image else ""
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{vision}{instruction}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def load_image(src, max_pixels=MAX_PIXELS):
+    """Open an image path/bytes/PIL image as RGB, shrinking it first if it is far over the pixel limit."""
+    if src is None:
+        return None
+    try:
+        image = src if isinstance(src, Image.Image) else Image.open(src)
+        image = image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {src if isinstance(src, (str, os.PathLike)) else type(src)}: {e}") from e
+    if image.width * image.height > 4 * max_pixels:  # the processor resizes too; this only saves its time
+        s = math.sqrt(2 * max_pixels / (image.width * image.height))
+        image = image.resize((max(28, round(image.width * s)), max(28, round(image.height * s))), Image.BICUBIC)
+    return image
+
+
+def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", max_prompt_len=MAX_PROMPT_LEN,
+                 prompts=None):
+    """Tokenise a batch of (image, question) into left-padded model inputs.
+
+    Each `<|image_pad|>` is expanded to t·h·w / merge² tokens from `image_grid_thw`, as the processor
+    does. Prompts longer than `max_prompt_len` are dropped (never truncated into image tokens):
+    `batch["kept"]` lists the indices that remain. `prompts` overrides the chat text (SFT uses it).
+    Returns input_ids, attention_mask, mm_token_type_ids (0 text, 1 image), pixel_values (rows of all
+    images in batch order), image_grid_thw (one row per image; a row without image has none), kept.
+    """
+    merge = image_processor.merge_size
+    texts = prompts or [prompt_text(q, style, image=im is not None) for im, q in zip(images, questions)]
+    with_image = [i for i, im in enumerate(images) if im is not None]
+    pixel_values = grid = None
+    if with_image:
+        enc = image_processor(images=[images[i] for i in with_image], return_tensors="pt")
+        pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"]
+    n_image_tokens = dict(zip(with_image, (grid.prod(-1) // merge ** 2).tolist() if with_image else []))
+    rows, kept, patches = [], [], []
+    for i, text in enumerate(texts):
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens.get(i, 0))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_len:
+            continue
+        rows.append(ids), kept.append(i)
+    if not rows:
+        return None
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for r, ids in enumerate(rows):                                    # left padding for generation
+        input_ids[r, length - len(ids):] = torch.tensor(ids)
+        attention_mask[r, length - len(ids):] = 1
+    if with_image:                                                    # keep only the kept rows' image blocks
+        offsets = [0] + (grid.prod(-1)).cumsum(0).tolist()
+        blocks = {i: b for b, i in enumerate(with_image)}
+        keep = [blocks[i] for i in kept if i in blocks]
+        pixel_values = torch.cat([pixel_values[offsets[b]:offsets[b + 1]] for b in keep]) if keep else None
+        grid = grid[keep] if keep else None
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask,
+                 mm_token_type_ids=(input_ids == image_id).long(), pixel_values=pixel_values,
+                 image_grid_thw=grid, kept=kept)
+    check_image_tokens(batch, merge)
+    return batch
+
+
+def check_image_tokens(batch, merge):
+    """#image-pad tokens must equal Σ t·h·w / merge² and pixel rows Σ t·h·w (METHOD.md §9.4)."""
+    grid, n_tokens = batch["image_grid_thw"], int(batch["mm_token_type_ids"].sum())
+    expected = 0 if grid is None else int(grid.prod(-1).sum()) // merge ** 2
+    rows = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+    if n_tokens != expected or rows != expected * merge ** 2:
+        raise ValueError(f"image tokens ({n_tokens}) / pixel rows ({rows}) do not match image_grid_thw ({expected})")
+
+
+def select_rows(batch, rows):
+    """The sub-batch of `rows`, keeping each row's block of pixel_values with it (METHOD.md §9.4)."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    has_image = batch["mm_token_type_ids"].any(-1)
+    out = {k: v[rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if batch["image_grid_thw"] is None:
+        return {**out, "pixel_values": None, "image_grid_thw": None}
+    image_index = has_image.long().cumsum(0) - 1          # row -> its image block
+    sizes = batch["image_grid_thw"].prod(-1)
+    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    blocks = [int(image_index[r]) for r in rows if has_image[r]]
+    out["pixel_values"] = torch.cat([batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in blocks]) if blocks else None
+    out["image_grid_thw"] = batch["image_grid_thw"][blocks] if blocks else None
+    return out
+
+
+# ----------------------------------------------------------------------------- positions and scoring
+
+def rope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
+    """3-D M-RoPE positions [3, B, L] and per-row deltas [B, 1], computed by the model's own rule.
+
+    Positions are never built from cumsum(attention_mask): image tokens share (t, h, w) positions,
+    so the text after an image starts at max(position) + 1 (METHOD.md §9.1).
+    """
+    inner = model.model
+    kwargs = dict(image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:   # transformers >= 5
+        kwargs["mm_token_type_ids"] = mm_token_type_ids
+    return inner.get_rope_index(input_ids, **kwargs)
+
+
+def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_ids=None, chunk_size=256):
+    """log π(o_t | q, o_<t) for every completion token, shape [B, T], from one teacher-forced forward.
+
+    The logits are divided by the sampling temperature, and `suppress_ids` (tokens the sampler may
+    never emit) are removed from the softmax, so these are the log-probs of the distribution that
+    was actually sampled (METHOD.md §9.7). Only completion positions reach the LM head, in row
+    chunks of fp32 log-softmax, each checkpointed under autograd so no full-vocabulary activation
+    is kept (§9.6). Positions are explicit and the cache is off, so no `rope_deltas` from an
+    earlier `generate` can leak in (§9.1, §9.2).
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    input_ids = torch.cat([batch["input_ids"], completion_ids], 1)
+    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(completion_ids)], 1)
+    mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
+    positions, _ = rope_positions(model, input_ids, attention_mask, mm, batch["image_grid_thw"])
+    model.model.rope_deltas = None
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                         use_cache=False).last_hidden_state
+    hidden = hidden[:, prompt_len - 1:-1].reshape(-1, hidden.shape[-1])    # states that predict o_t
+    targets = completion_ids.reshape(-1)
+    out = []
+    for s in range(0, len(targets), chunk_size):
+        args = (hidden[s:s + chunk_size], targets[s:s + chunk_size], model.lm_head.weight, temperature, suppress_ids)
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(_token_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_token_logprobs(*args))
+    return torch.cat(out).view_as(completion_ids)
+
+
+def _token_logprobs(hidden, targets, weight, temperature, suppress_ids):
+    logits = (hidden @ weight.t()).float() / temperature
+    if suppress_ids is not None:
+        logits[:, suppress_ids] = float("-inf")
+    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def special_ids(tokenizer):
+    """(ids the sampler must never emit, ids that end a completion)."""
+    def ids(tokens):
+        found = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+        return sorted({i for i in found if i is not None and i != tokenizer.unk_token_id})
+    return ids(VISION_TOKENS), sorted(set(ids(STOP_TOKENS)) | {tokenizer.eos_token_id})

@@ -1,0 +1,94 @@
+"""The StepGRPO objective (R1-VL, arXiv 2503.12937, Eqs. 4-5). Pure torch.
+
+    Â_i  = (r_i − mean_g r) / (std_g r + 1e-4)                       group of M completions (Eq. 4)
+    ρ_t  = π_θ(o_t) / π_old(o_t),   KL_t = π_ref/π_θ − log(π_ref/π_θ) − 1    (k3 estimator)
+    L    = −mean_i mean_t [ min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β KL_t ]           (Eq. 5)
+
+Choices and simplifications vs. the paper and the official code (TRL 0.14-era GRPO):
+1. One gradient step per rollout batch (official): `old_logp=None` stands π_old in by
+   stopgrad(π_θ), so ρ ≡ 1 in value, clipping never acts, and the gradient is Â·∇logπ_θ.
+   Passing real `old_logp` turns on PPO clipping for several updates per batch (an option).
+2. `norm="seq"` (official) averages each completion's own tokens, then completions;
+   `norm="token"` (DAPO-style) divides the token sum by the token count, so long completions
+   weigh more. Completions with no tokens add 0 and are left out of the sequence mean.
+3. KL_t is the per-token k3 estimator (≥ 0, unbiased for KL(π_θ‖π_ref)); β = 0.04, β = 0 skips
+   the reference model. Groups with identical rewards get Â = 0 exactly (only KL acts).
+"""
+import torch
+
+
+def group_advantages(rewards, group_size):
+    """Eq. 4: Â_i = (r_i − mean_g) / (std_g + 1e-4), torch's unbiased std as the official code.
+
+    `rewards` [B·M] is ordered group by group (M = group_size consecutive completions per
+    prompt). Returns (advantages [B·M], fraction of groups whose rewards are all identical).
+    Such groups get exactly 0. With group_size 1 the std is undefined: every advantage is 0
+    and every group counts as identical.
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} cannot be split into groups "
+                         f"of {group_size}: expected a 1-D tensor of length B*group_size")
+    g = rewards.view(-1, group_size)
+    same = (g == g[:, :1]).all(dim=1)
+    if group_size == 1:
+        return torch.zeros_like(rewards), 1.0
+    adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + 1e-4)
+    adv = torch.where(same.unsqueeze(1), torch.zeros_like(adv), adv)  # exact 0, no rounding
+    return adv.reshape(-1), same.float().mean().item()
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimator of KL(π_θ‖π_ref): exp(ref − logp) − (ref − logp) − 1 ≥ 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2,
+                norm="seq", denom=None):
+    """Eq. 5: −mean[min(ρ_t Â, clip(ρ_t, 1−ε, 1+ε) Â) − β KL_t] over completion tokens.
+
+    logp, old_logp, ref_logp, mask: [N, T]; mask (float or bool) is 1 for completion tokens up
+    to and including the first EOS; advantages: [N]. `old_logp=None` means on-policy (ρ ≡ 1).
+    `ref_logp` may be None when beta == 0. norm: "seq" or "token" (module docstring, item 2).
+
+    `denom`: the count to divide the summed objective by — completions with ≥ 1 token for
+    "seq", tokens for "token". By default the local count (the local mean). Give the count over
+    all micro-batches (divided by the world size under DDP, whose gradients are averaged) and
+    the micro-batch losses add up to exactly the global mean.
+
+    Returns (loss, stats) with stats python floats: kl (mean per-token KL), clip_frac (share of
+    tokens whose clipped branch is active, i.e. gets no gradient), ratio_min, ratio_max,
+    adv_mean, n_tokens.
+    """
+    if norm not in ("seq", "token"):
+        raise ValueError(f"unknown norm {norm!r}: use 'seq' (per completion) or 'token'")
+    if beta and ref_logp is None:
+        raise ValueError("ref_logp is None but beta != 0: pass reference log-probs or beta=0")
+    mask = mask.to(logp.dtype)
+    old_logp = logp.detach() if old_logp is None else old_logp
+    adv = advantages.to(logp.dtype).unsqueeze(1)
+
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    objective = torch.min(ratio * adv, clipped * adv)
+    kl = kl_k3(logp, ref_logp) if beta else torch.zeros_like(logp)
+    per_token = -(objective - beta * kl) * mask
+
+    n_tok = mask.sum(dim=1)
+    if norm == "seq":
+        total = (per_token.sum(dim=1) / n_tok.clamp(min=1)).sum()  # empty rows add 0
+        local = (n_tok > 0).sum()
+    else:
+        total, local = per_token.sum(), n_tok.sum()
+    loss = total / (local.clamp(min=1) if denom is None else denom)
+
+    with torch.no_grad():
+        on = mask.bool()
+        n = max(int(on.sum()), 1)
+        is_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+        r = ratio[on] if on.any() else torch.ones(1)
+        stats = {"kl": (kl * mask).sum().item() / n,
+                 "clip_frac": (is_clipped & on).sum().item() / n,
+                 "ratio_min": r.min().item(), "ratio_max": r.max().item(),
+                 "adv_mean": advantages.float().mean().item(), "n_tokens": float(on.sum())}
+    return loss, stats

@@ -1,0 +1,208 @@
+"""Loading, inputs, rollout and scoring of Qwen2-VL (tiny preset, CPU, fp32)."""
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+import model as M
+import rollout as R
+
+
+def grid_image(colors, cell=28):
+    """A row of solid colour cells; different colour lists give different images (and sizes)."""
+    im = Image.new("RGB", (cell * len(colors), cell * 2), "white")
+    for i, c in enumerate(colors):
+        im.paste(c, (i * cell, 0, (i + 1) * cell, cell))
+    return im
+
+
+IMAGES = [grid_image(["red", "blue"]), grid_image(["green", "yellow", "red", "blue"])]
+QUESTIONS = ["How many red cells?", "Which colour is in the third cell of the top row?"]
+
+
+def sampled_rollout(tiny, seed=0, m=3, max_new_tokens=24):
+    policy, tok, ip = tiny
+    torch.manual_seed(seed)
+    return R.generate(policy, tok, ip, IMAGES, QUESTIONS, num_samples=m, temperature=1.3, max_new_tokens=max_new_tokens)
+
+
+def score(tiny, ro, temperature=1.3):
+    with torch.no_grad():
+        return M.completion_logprobs(tiny[0], ro.prompt, ro.completion_ids, temperature, ro.suppress_ids)
+
+
+def test_rollout_has_left_padding_and_aligned_groups(tiny):
+    ro = sampled_rollout(tiny)
+    mask = ro.prompt["attention_mask"]
+    assert (mask[:, 0] == 0).any() and (mask[:, -1] == 1).all()     # left padded, different prompt lengths
+    assert ro.group.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ro.completion_ids.shape == ro.completion_mask.shape == ro.logprobs.shape
+    assert len(ro.texts) == 6
+
+
+def test_scoring_logprobs_match_generation(tiny):
+    ro = sampled_rollout(tiny)
+    gap = ((score(tiny, ro) - ro.logprobs) * ro.completion_mask).abs().max().item()
+    assert gap <= 1e-4
+
+
+def test_parity_check_detects_swapped_images(tiny):
+    ro = sampled_rollout(tiny)
+    swapped = [IMAGES[1], IMAGES[0]]         # same questions, images exchanged between the groups
+    batch = M.build_inputs(tiny[1], tiny[2], swapped, QUESTIONS)
+    batch.pop("kept")
+    prompt = M.select_rows(batch, ro.group)
+    with torch.no_grad():
+        lp = M.completion_logprobs(tiny[0], prompt, ro.completion_ids, 1.3, ro.suppress_ids)
+    assert ((lp - ro.logprobs) * ro.completion_mask).abs().max().item() > 1e-2
+
+
+def test_parity_check_detects_wrong_temperature(tiny):
+    ro = sampled_rollout(tiny)
+    assert ((score(tiny, ro, temperature=1.0) - ro.logprobs) * ro.completion_mask).abs().max().item() > 1e-2
+
+
+def test_scoring_is_batch_invariant(tiny):
+    ro = sampled_rollout(tiny)
+    full = score(tiny, ro)
+    for row in (0, 4):
+        prompt, ids, mask = ro.rows([row])
+        pad = int((prompt["attention_mask"][0] == 0).sum())       # strip this row's own left padding
+        alone = {k: (v[:, pad:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+                 for k, v in prompt.items()}
+        with torch.no_grad():
+            lp = M.completion_logprobs(tiny[0], alone, ids, 1.3, ro.suppress_ids)
+        assert torch.allclose(lp * mask, full[row:row + 1] * mask, atol=1e-5)
+
+
+def test_greedy_decoding_matches_transformers_generate(tiny):
+    policy, tok, ip = tiny
+    ro = R.generate(policy, tok, ip, IMAGES, QUESTIONS, num_samples=1, greedy=True, max_new_tokens=12)
+    batch = M.build_inputs(tok, ip, IMAGES, QUESTIONS)
+    batch.pop("kept")
+    suppress, _ = M.special_ids(tok)
+    out = policy.generate(**batch, do_sample=False, max_new_tokens=12, suppress_tokens=suppress,
+                          eos_token_id=-1, pad_token_id=tok.pad_token_id)
+    n = ro.completion_ids.shape[1]
+    assert torch.equal(out[:, batch["input_ids"].shape[1]:][:, :n], ro.completion_ids)
+
+
+@pytest.fixture()
+def biased(tiny):
+    """A copy of the tiny model whose output layer favours vision tokens strongly and EOS mildly."""
+    import copy
+    policy = copy.deepcopy(tiny[0])
+    suppress, stop = M.special_ids(tiny[1])
+    head = torch.nn.Linear(policy.lm_head.in_features, policy.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(policy.lm_head.weight)
+        head.bias.zero_()
+        head.bias[suppress] = 20.0    # without suppression these would be sampled almost always
+        head.bias[stop[0]] = 4.0      # EOS after a few tokens, at different places per sample
+    policy.lm_head = head
+    return policy, tiny[1], tiny[2]
+
+
+def test_no_vision_token_is_ever_sampled(biased):
+    policy, tok, ip = biased
+    suppress, _ = M.special_ids(tok)
+    torch.manual_seed(0)
+    ro = R.generate(policy, tok, ip, IMAGES, QUESTIONS, num_samples=4, temperature=1.5, max_new_tokens=30)
+    assert not torch.isin(ro.completion_ids, torch.tensor(suppress)).any()
+
+
+def test_mask_ends_at_first_eos(biased):
+    policy, tok, ip = biased
+    _, stop = M.special_ids(tok)
+    torch.manual_seed(1)
+    ro = R.generate(policy, tok, ip, IMAGES, QUESTIONS, num_samples=4, temperature=1.0, max_new_tokens=30)
+    ended = ~ro.truncated
+    assert ended.any()
+    for ids, mask, done in zip(ro.completion_ids, ro.completion_mask, ended):
+        if done:
+            first = int(torch.isin(ids, torch.tensor(stop)).nonzero()[0])
+            assert mask[:first + 1].all() and not mask[first + 1:].any()
+            assert (ids[first + 1:] == tok.pad_token_id).all()
+        else:
+            assert mask.all()
+
+
+@pytest.mark.parametrize("ids, mask, truncated", [
+    ([5, 6, 2, 9], [1, 1, 1, 0], False),     # stop kept, tokens after it dropped
+    ([2, 2, 2, 2], [1, 0, 0, 0], False),     # pad == EOS: only the first counts
+    ([5, 6, 7, 8], [1, 1, 1, 1], True),      # no stop: truncated, everything counts
+])
+def test_first_stop_mask(ids, mask, truncated):
+    m, t = R.first_stop_mask(torch.tensor([ids]), [2])
+    assert m.tolist() == [mask] and t.item() == truncated
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    seen = {R.sample_top_p(logp, 0.7).item() for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path):
+    policy, tok, ip = tiny
+    for part in tiny:
+        part.save_pretrained(tmp_path)
+    policy2 = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32)
+    tok2, ip2 = AutoTokenizer.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)
+    batch = M.build_inputs(tok2, ip2, IMAGES, QUESTIONS)
+    assert torch.equal(batch["input_ids"], M.build_inputs(tok, ip, IMAGES, QUESTIONS)["input_ids"])
+    batch.pop("kept")
+    with torch.no_grad():
+        a, b = policy(**batch).logits, policy2(**batch).logits
+    assert torch.equal(a, b)
+    reloaded = M.load(str(tmp_path), device="cpu")
+    assert reloaded[2].size == ip.size or reloaded[2].size["longest_edge"] == M.MAX_PIXELS
+
+
+def test_tiny_chat_template_matches_prompt_builder(tiny):
+    tok = tiny[1]
+    q = M.R1VL_INSTRUCTION.format(question="How many?")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == M.prompt_text("How many?")
+
+
+def test_image_tokens_expand_by_grid(tiny):
+    _, tok, ip = tiny
+    batch = M.build_inputs(tok, ip, IMAGES, QUESTIONS)
+    per_row = batch["mm_token_type_ids"].sum(-1).tolist()
+    assert per_row == (batch["image_grid_thw"].prod(-1) // 4).tolist() == [4, 8]
+
+
+def test_overlong_prompt_is_skipped_and_counted(tiny, caplog):
+    policy, tok, ip = tiny
+    with caplog.at_level(logging.WARNING):
+        ro = R.generate(policy, tok, ip, IMAGES, ["word " * 2000, QUESTIONS[1]], num_samples=2, max_new_tokens=4)
+    assert ro.kept == [1] and len(ro.texts) == 2
+    assert "skipped 1 of 2 prompts" in caplog.text
+    assert int(ro.prompt["mm_token_type_ids"].sum()) == 2 * 8     # the kept row keeps its own image
+
+
+def test_missing_image_gives_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read image .*nope.png"):
+        M.load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        M.load_image(str(tmp_path / "bad.png"))
+
+
+def test_large_image_is_resized_within_the_pixel_limit(tiny):
+    _, tok, ip = tiny
+    big = M.load_image(Image.new("RGB", (4000, 3000), "red"), max_pixels=ip.size["longest_edge"])
+    batch = M.build_inputs(tok, ip, [big], ["q"])
+    assert int(batch["image_grid_thw"].prod()) * 14 * 14 <= ip.size["longest_edge"]
+
+
+def test_text_only_question_needs_no_image(tiny):
+    policy, tok, ip = tiny
+    ro = R.generate(policy, tok, ip, [None, IMAGES[0]], QUESTIONS, num_samples=1, greedy=True, max_new_tokens=6)
+    assert ro.prompt["image_grid_thw"].shape[0] == 1
+    gap = ((score(tiny, ro, 1.0) - ro.logprobs) * ro.completion_mask).abs().max().item()
+    assert gap <= 1e-4
