@@ -352,20 +352,20 @@ def rl(reference, bar):
             loss_value = sum(x["loss"] for x in stats)
             norm = optimizer_step(optimizer, scheduler, loss_value) if stats else float("nan")
         times["update"] += time.time() - t
-        # --- log
+        # --- log: per-sample figures are averaged over all ranks' samples
         rs = [r for part in parts for r in part["rs"]]
-        masks = [part["ro"].completion_mask for part in parts]
-        w = [x["rows"] for x in stats] or [1]
-        record = dict(stage="rl", step=step + 1, reward=mean(r["total"] for r in rs),
-                      step_rar=mean(r["step_rar"] for r in rs), step_rvr=mean(r["step_rvr"] for r in rs),
-                      accuracy=mean(float(r["correct"]) for r in rs), key_step_match=mean(r["k"] for r in rs),
-                      kl=wmean([x["kl"] for x in stats], w), clip_frac=wmean([x["clip_frac"] for x in stats], w),
-                      frac_reward_zero_std=mean(part["frac_zero"] for part in parts),
-                      completion_len=mean(float(x) for mk in masks for x in mk.sum(1)),
-                      truncated=mean(float(x) for part in parts for x in part["ro"].truncated),
+        lens = [float(x) for part in parts for x in part["ro"].completion_mask.sum(1)]
+        per_sample = dict(reward=[r["total"] for r in rs], step_rar=[r["step_rar"] for r in rs],
+                          step_rvr=[r["step_rvr"] for r in rs], accuracy=[float(r["correct"]) for r in rs],
+                          key_step_match=[r["k"] for r in rs], completion_len=lens,
+                          truncated=[float(x) for part in parts for x in part["ro"].truncated],
+                          frac_reward_zero_std=[part["frac_zero"] for part in parts],
+                          kl=[x["kl"] for x in stats for _ in range(x["rows"])],   # micro-batch means, by rows
+                          clip_frac=[x["clip_frac"] for x in stats for _ in range(x["rows"])])
+        record = dict(stage="rl", step=step + 1, **global_means(per_sample),
                       loss=loss_value if stats else float("nan"), grad_norm=norm if stats else float("nan"),
                       lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
-                      tokens_per_s=sum(int(mk.sum()) for mk in masks) * world / max(times["generate"], 1e-9),
+                      tokens_per_s=sum(lens) * world / max(times["generate"], 1e-9),
                       **{f"time_{k}": v for k, v in times.items()})
         log_jsonl("metrics.jsonl", record), run.log(record)
         if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
@@ -384,13 +384,17 @@ def rl(reference, bar):
             raise SystemExit(f"stopped after {args.stop_after} steps; continue with --resume")
 
 
+def global_means(lists):
+    """{name: mean over every rank's values} for a dict of per-sample value lists."""
+    sums = torch.tensor([[sum(v), len(v)] for v in lists.values()], dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(sums)
+    return {k: (s / n).item() if n else float("nan") for k, (s, n) in zip(lists, sums)}
+
+
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def wmean(xs, w):
-    return sum(a * b for a, b in zip(xs, w)) / sum(w) if xs else float("nan")
 
 
 def plot_curves():
@@ -407,7 +411,9 @@ def plot_curves():
             pts = [(r["step"], r[k]) for r in rows if r["stage"] == stage and k in r]
             if pts:
                 ax.plot(*zip(*pts), label=k)
-        ax.set_title(f"{stage}: {', '.join(keys)}", fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=7)
+        ax.set_title(f"{stage}: {', '.join(keys)}", fontsize=9), ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "training_curves.png"), dpi=110)
 

@@ -1,0 +1,417 @@
+"""Rewards of StepGRPO (R1-VL, arXiv 2503.12937). They judge completion text only; no torch here.
+
+Completions follow the R1-VL format: ### Image Description: / ### Rationales: / ### Let's think step
+by step. / ### Step 1: ... ### Step n: / ### The final answer is: <answer>, one header a line.
+
+    step_rar -- paper Eq. 2, step-wise reasoning accuracy reward:
+                r_rar = 1 + α·k if the answer is correct, α·k if it is wrong, 0 if there is none,
+                with k = #(key-step groups found in the steps) / #groups and α = 0.1.
+    step_rvr -- paper Eq. 3, step-wise reasoning validity reward:
+                r_rvr = 1 if the completion is complete and its sections are in logical order, else 0.
+    reward   -- r = r_rar + r_rvr ∈ [0, 2.1], plus the paper's Table 2 ablations and the
+                outcome-only GRPO baseline (`kind`).
+
+Deliberate differences from the official code:
+1. Eq. 2 as written: no answer scores 0. The official code adds α·k regardless (official=True).
+2. Eq. 3 as written: description and rationale must precede the steps. The official code only
+   checks that the headers exist (official=True drops the order check).
+3. Correctness compares letters, numbers and text with our own rules first, then math-verify as
+   verify(gold, prediction). The official code calls verify(prediction, gold): swapped, and
+   math-verify is asymmetric (assignments, intervals).
+4. Key-step matching is soft (LaTeX ~ plain forms, number words, typos in long words) but a number
+   only matches the same whole number; the official substring search finds "12" inside "120".
+5. Several final-answer headers: invalid for Eq. 3; no answer for Eq. 2 if their answers differ.
+6. Bounded work: step text over MAX_STEP_CHARS earns k = 0, answers over MAX_ANSWER_CHARS are
+   wrong, math-verify only sees short, tame strings and runs under a timeout (main thread).
+"""
+import json
+import math
+import re
+import threading
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+from rapidfuzz import fuzz
+
+ALPHA = 0.1                 # α of Eq. 2
+MAX_STEP_CHARS = 12_000     # ~3k tokens, above the 1,024-token rollout budget: only hunting exceeds it
+MAX_ANSWER_CHARS = 500      # no real final answer is longer
+MV_MAX_CHARS = 120          # longer strings never reach sympy
+FUZZY_THRESHOLD = 85        # rapidfuzz ratio (0-100) of a word with a typo: isoceles ~ isosceles (94)
+FUZZY_MIN_LEN = 6           # shorter words ("red", "one"), numbers and symbols must match exactly
+KINDS = ("step", "outcome", "steprar", "steprvr")
+
+# ---------------------------------------------------------------------------- parsing the format
+_HEADER = re.compile(r"^[ \t]*#{2,4}[ \t]*(image description|rationales?|let'?s think step by step"
+                     r"|step[ \t]*(\d{1,6})(?!\d)|the final answer is)[ \t]*[:.]?[ \t]*(.*)$", re.I | re.M)
+_ANSWER = re.compile(r"^[ \t]*#{2,4}[ \t]*the final answer is[ \t]*:?[ \t]*(.*)$", re.I | re.M)
+_ANSWER_IS = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*(.+)", re.I | re.S)
+_NEXT_LINE = re.compile(r"\s*([^\n]*)")
+_KIND = {"ima": "desc", "rat": "rat", "let": "think", "the": "answer"}
+
+
+def _sections(text):
+    """[(kind, step number or None, body)] per recognised header, in order of appearance."""
+    heads = list(_HEADER.finditer(text))
+    ends = [m.start() for m in heads[1:]] + [len(text)]
+    return [("step" if m.group(2) else _KIND[m.group(1)[:3].lower()], int(m.group(2)) if m.group(2) else None,
+             (m.group(3) + text[m.end():end]).strip()) for m, end in zip(heads, ends)]
+
+
+def _step_text(text):
+    return "\n".join(body for kind, _, body in _sections(text) if kind == "step")
+
+
+def _boxed(s):
+    """Content of the last \\boxed{...}, nested braces allowed; None if absent or unclosed."""
+    if "\\boxed" not in s or (open_ := s.find("{", s.rfind("\\boxed"))) < 0:
+        return None
+    depth = 0
+    for i in range(open_, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[i], 0)
+        if depth == 0:
+            return s[open_ + 1:i]
+    return None
+
+
+def _clean(ans):
+    """Strip the wrappers around an answer: \\boxed{}, $...$, 'The answer is', a final period."""
+    ans = ans.strip()
+    if len(ans) > MAX_ANSWER_CHARS:  # no regex work on giant strings: an answer, and a wrong one
+        return ans[:MAX_ANSWER_CHARS + 1]
+    if "\\boxed" in ans:
+        ans = _boxed(ans) or ""
+    ans = _ANSWER_IS.sub(r"\1", ans).strip().rstrip(".")
+    ans = re.sub(r"^(\$+|\\\(|\\\[)|(\$+|\\\)|\\\])$", "", ans).strip().rstrip(".").strip()
+    return None if not ans or ans.startswith("#") else ans
+
+
+def extract_answer(text):
+    """The final answer of a completion, or None when it gives none.
+
+    The answer follows '### The final answer is:' on the same line or the next non-empty line. Several
+    headers count only if their answers agree; differing answers are a hedge, so None. Without a
+    header, the last \\boxed{...} or a closing 'The answer is X' is accepted. An empty answer is None.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    answers = set()
+    for m in _ANSWER.finditer(text):
+        answers.add(_clean(m.group(1).strip() or _NEXT_LINE.match(text, m.end()).group(1)))
+        if len(answers) > 1:
+            return None
+    if answers:
+        return answers.pop()
+    if "\\boxed" in text:
+        return _clean(_boxed(text) or "")
+    tail = text.strip()[-300:]
+    at = tail.lower().rfind("answer is")
+    return _clean(tail[at:].split("\n")[0]) if at >= 0 else None
+
+
+# ---------------------------------------------------------------------------- answer correctness
+_CHOICE = re.compile(r"^(?i:option|choice)?\s*(?:\(([A-H])\)|([A-H])(?=[.:)]|$))\s*[.:)]?\s*(.*)$", re.S)
+# [x =] [$] 1,000[.5] [/ 4] [%] [up to three unit words, never 'or'/'and'/'to': '5 or 6' is no number]
+_NUMBER = re.compile(r"^(?:[a-z]{1,3}\s*=\s*)?[$€£¥]?\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)"
+                     r"(?:\s*/\s*(\d+(?:\.\d+)?))?\s*(%|percent)?"
+                     r"(\s*(?!(?:or|and|to)\b)[a-z°]+(?:\^?[23]|[²³])?(?:/[a-z]+)?(?:\s+[a-z]+){0,2})?$")
+
+
+def _as_answer(s):
+    if not isinstance(s, str):
+        return None
+    return extract_answer(s) if _ANSWER.search(s) else _clean(s)
+
+
+def _choice(s):
+    """(letter, content) for a multiple-choice answer such as 'B', '(B)', 'B: 8', 'B. 8'; else None."""
+    m = _CHOICE.match(s.upper() if len(s) <= 3 else s)   # 'b', '(b)' and 'b.' too
+    return (m.group(1) or m.group(2), m.group(3).strip()) if m else None
+
+
+def _norm_answer(s):
+    s = re.sub(r"\\(?:text|mathrm|mathbf|textbf)\{([^{}]*)\}", r"\1", s.lower())
+    s = re.sub(r"\^\s*\{?\\circ\}?", "°", s).replace("\\%", "%").replace("\\$", "")
+    s = re.sub(r"\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}", r"\1/\2", s)
+    s = re.sub(r"\\left|\\right|\\[,;!]|\$", "", s)
+    return re.sub(r"\s+", " ", s).strip().strip("\"'").rstrip(".").strip()
+
+
+def _number(s):
+    """Candidate values of a numeric answer (units, separators, fractions, percent), or None."""
+    m = _NUMBER.match(s)
+    if not m:
+        return None
+    num, den = float(m.group(1).replace(",", "")), float(m.group(2) or 1)
+    if not den or not math.isfinite(num / den):   # 1/0 or 400 digits: no comparable value
+        return None
+    return [num / den, num / den / 100] if m.group(3) else [num / den]   # '50%' read as 50 or as 0.5
+
+
+def _mv_safe(s):
+    """Has a digit or LaTeX (sympy reads 'on' as o·n = 'no'); short; no towers, big powers, factorials."""
+    return (len(s) <= MV_MAX_CHARS and re.search(r"[\d\\]", s) is not None
+            and not re.search(r"\^\s*[{(]?\s*-?\d{3}|\^[^^]{0,20}\^|!|binom", s))
+
+
+def _math_verify(gold, pred):
+    if not (_mv_safe(gold) and _mv_safe(pred)):
+        return False
+    # verify(gold, prediction): math-verify is asymmetric, and the official code swaps the two.
+    # Its timeout is signal.alarm, main thread only; elsewhere _mv_safe is the bound.
+    t = 1 if threading.current_thread() is threading.main_thread() else None
+    try:
+        g, p = (parse("\\boxed{" + s + "}", parsing_timeout=t) for s in (gold, pred))
+        return bool(g and p and verify(g, p, timeout_seconds=t))
+    except (Exception, TimeoutException):
+        return False
+
+
+def _same_value(pred, gold):
+    p, g = _norm_answer(pred), _norm_answer(gold)
+    if p == g:
+        return True
+    pn, gn = _number(p), _number(g)
+    if pn is not None and gn is not None:
+        # relative tolerance 1e-6: 2 == 2.0 and 1/3 == 0.333333, never 12 == 120
+        return any(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a in pn for b in gn)
+    return _math_verify(gold, pred)
+
+
+def is_correct(prediction, ground_truth):
+    """Whether a predicted answer equals the ground truth (a bare answer or a reference path).
+
+    Option letters compare as letters ('(B)', 'B: 8' vs 'B'), a letter with content also as its
+    content ('B: 8' vs '8'); 'A, B, C, D' is no letter, so wrong. Numbers compare as values, LaTeX
+    and expressions through math-verify, text case-insensitively.
+    """
+    pred, gold = _as_answer(prediction), _as_answer(ground_truth)
+    if not pred or not gold or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    pc, gc = _choice(pred), _choice(gold)
+    if pc and gc:
+        return pc[0] == gc[0]
+    if pc or gc:  # a letter on one side only: compare its content, if it has one, with the other side
+        content = (pc or gc)[1]
+        return bool(content) and (_same_value(content, gold) if pc else _same_value(pred, content))
+    return _same_value(pred, gold)
+
+
+# ---------------------------------------------------------------------------- key steps
+_NUM_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+_TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]")
+_MATCH_SUBS = [(re.compile(p), r) for p, r in [
+    (r"\b(?:" + "|".join(_NUM_WORDS) + r")\b", lambda m: str(_NUM_WORDS.index(m.group()))),
+    (r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", lambda m: "/".join(
+        a if re.fullmatch(r"[\w.]+", a.strip()) else f"({a})" for a in m.groups())),
+    (r"\\(?:text|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1"),
+    (r"\^\s*\{?\\circ\}?|°", "°"), (r"\\(?:times|cdot|ast)|[×·∗⋅]", "*"),
+    (r"(?<=\d)\s*x\s*(?=\d)", "*"), (r"\\div|÷", "/"),
+    (r"\\left|\\right|\\[,;!: ]|\$|\\[()\[\]]", ""),
+    (r"\\leq?(?![a-z])|≤", "<="), (r"\\geq?(?![a-z])|≥", ">="), (r"\\neq|≠", "!="),
+    (r"\\pi|π", "pi"), (r"√", "sqrt"), (r"∠", "angle "),
+    (r"\\", ""), (r"[{}]", ""), (r"(?<=\d),(?=\d{3}(?!\d))", ""),   # 1,000 -> 1000
+    (r"\s*([=+\-*/^()<>,:])\s*", r"\1"),
+    (r"(?<=\d) (?=[a-z])|(?<=[a-z]) (?=\d)", ""), (r"\s+", " "),   # 1/2 ad ~ 1/2ad
+]]
+
+
+def _norm_match(s):
+    """Shared surface form of reasoning and key steps: \\frac{12}{2} ~ 12/2, \\times ~ * ~ x."""
+    s = s.lower()
+    for pattern, repl in _MATCH_SUBS:
+        s = pattern.sub(repl, s)
+    return s.strip()
+
+
+def _same_token(a, b):
+    return a == b or (len(a) >= FUZZY_MIN_LEN and (a + b).isalpha() and fuzz.ratio(a, b) >= FUZZY_THRESHOLD)
+
+
+def _found(alt, text):
+    """alt occurs in text on token boundaries: 12 ≠ 120, 1.5 ≠ 11.5, 'sine' is not in 'cosine'.
+    Failing that, a near match (rapidfuzz) counts if it differs from alt only by typos inside
+    words of FUZZY_MIN_LEN+ letters: numbers, symbols and short words ('red', '1') stay exact."""
+    if not alt:
+        return False
+    pre = r"(?<![\d.])" if alt[0].isdigit() or alt[0] == "." else r"(?<![a-z])" if alt[0].isalpha() else ""
+    post = r"(?!\.?\d)" if alt[-1].isdigit() else ""
+    if re.search(pre + re.escape(alt) + post, text):
+        return True
+    if len(alt) > len(text) or not re.search(r"[a-z]{%d}" % FUZZY_MIN_LEN, alt):
+        return False
+    hit = fuzz.partial_ratio_alignment(alt, text, score_cutoff=FUZZY_THRESHOLD)
+    if hit is None:
+        return False
+    # the aligned span, widened to whole tokens, must hold alt's tokens pairwise
+    start = hit.dest_start - len(re.search(r"[\w.]*$", text[max(0, hit.dest_start - 40):hit.dest_start]).group())
+    end = hit.dest_end + len(re.match(r"[\w.]*", text[hit.dest_end:hit.dest_end + 40]).group())
+    want, got = _TOKEN.findall(alt), _TOKEN.findall(text[start:end])
+    return any(all(map(_same_token, want, got[j:j + len(want)])) for j in range(len(got) - len(want) + 1))
+
+
+def validate_key_steps(key_steps, where=""):
+    """Either accepted key-step format -> list of groups of alternative strings; ValueError if malformed.
+
+    Accepts {"Steps": [[alt, ...], ...]}, a list of strings or lists of strings, or either as JSON.
+    Empty alternatives are dropped: "" is a substring of everything.
+    """
+    at = f" ({where})" if where else ""
+    if isinstance(key_steps, str):
+        try:
+            key_steps = json.loads(key_steps)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"key_steps{at}: a string that is not JSON ({e})") from None
+    if isinstance(key_steps, dict):
+        if "Steps" not in key_steps:
+            raise ValueError(f"key_steps{at}: dict without a 'Steps' key, keys: {sorted(map(str, key_steps))}")
+        key_steps = key_steps["Steps"]
+    if not isinstance(key_steps, (list, tuple)):
+        raise ValueError(f"key_steps{at}: expected {{'Steps': [[alt, ...], ...]}} or a list of groups, "
+                         f"got {type(key_steps).__name__}")
+    groups = []
+    for i, group in enumerate(key_steps):
+        alts = group if isinstance(group, (list, tuple)) else [group]
+        if not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in alts):
+            raise ValueError(f"key_steps{at}: group {i} must be a string or a list of strings, got {group!r:.80}")
+        alts = [str(a).strip() for a in alts if str(a).strip()]
+        if not alts:
+            raise ValueError(f"key_steps{at}: group {i} has no non-empty alternative")
+        groups.append(alts)
+    return groups
+
+
+def match_key_steps(reasoning, key_steps):
+    """(k, matched): k of Eq. 2 = #(groups with an alternative found) / #groups; matched holds per
+    group the first alternative found, or None. key_steps None or no groups give k = 0.
+
+    Only the '### Step N:' bodies are searched, as in the official code: key steps pasted into the
+    description, the rationale or after the answer must not count. Step text over MAX_STEP_CHARS
+    earns k = 0: no rollout is that long, only a hunt listing numbers is. Within it, a list of
+    numbers can still hit bare-number key steps (as in the official code); that gain is <= α.
+    """
+    groups = [] if key_steps is None else validate_key_steps(key_steps)
+    steps = _step_text(reasoning) if isinstance(reasoning, str) else ""
+    if not groups or not steps or len(steps) > MAX_STEP_CHARS:
+        return 0.0, [None] * len(groups)
+    text = _norm_match(steps)
+    matched = [next((a for a in alts if _found(_norm_match(a).rstrip("."), text)), None) for alts in groups]
+    return sum(m is not None for m in matched) / len(groups), matched
+
+
+# ---------------------------------------------------------------------------- Eq. 2 and Eq. 3
+def step_rar(completion, solution, key_steps, alpha=ALPHA, official=False):
+    """Paper Eq. 2 (StepRAR): r = 1 + α·k if the answer is correct, α·k if wrong, 0 if no answer.
+    official=True reproduces the official code, which adds α·k even when there is no answer."""
+    answer = extract_answer(completion)
+    k, _ = match_key_steps(completion, key_steps)
+    if answer is None and not official:
+        return 0.0
+    return (1.0 if is_correct(answer, solution) else 0.0) + alpha * k
+
+
+def step_rvr(completion, official=False):
+    """Paper Eq. 3 (StepRVR): r = 1 if the completion is complete and logical, else 0.
+
+    Complete: one non-empty description, one non-empty rationale, non-empty steps, exactly one
+    final-answer header with a non-empty answer. Logical: description, rationale (optional "Let's
+    think step by step."), steps numbered 1..n in order, the answer last. official=True drops
+    the description/rationale order check, as the official code does.
+    """
+    secs = _sections(completion) if isinstance(completion, str) else []
+    kinds = [kind for kind, _, _ in secs]
+    steps = [i for i, kind in enumerate(kinds) if kind == "step"]
+    complete = (kinds.count("desc") == kinds.count("rat") == kinds.count("answer") == 1
+                and kinds.count("think") <= 1 and steps
+                and all(body for kind, _, body in secs if kind in ("desc", "rat", "step"))
+                and extract_answer(completion) is not None)
+    if not complete:
+        return 0.0
+    numbered = [secs[i][1] for i in steps] == list(range(1, len(steps) + 1))
+    head = [kinds.index("desc"), kinds.index("rat")] + ([kinds.index("think")] if "think" in kinds else [])
+    contiguous = steps == list(range(steps[0], steps[-1] + 1))
+    in_order = official or (head == sorted(head) and head[-1] < steps[0] and contiguous)
+    return 1.0 if numbered and kinds[-1] == "answer" and in_order else 0.0
+
+
+def reward(completion, sample, kind="step", alpha=ALPHA, official=False):
+    """Reward of one completion for one sample {"solution", "key_steps"}; never raises on the completion.
+
+    kind: "step" = StepRAR + StepRVR (StepGRPO), "steprar" / "steprvr" = one of them (Table 2
+    ablations), "outcome" = 1 if the answer is correct else 0 (the GRPO baseline).
+    Returns {"total", "step_rar", "step_rvr", "correct", "answer", "k", "matched"}. Malformed
+    key_steps raise ValueError (the data loader validates them at load time).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"reward kind {kind!r}: expected one of {KINDS}")
+    text, sample = completion if isinstance(completion, str) else "", sample or {}
+    solution, key_steps = sample.get("solution"), sample.get("key_steps")
+    answer = extract_answer(text)
+    correct = answer is not None and is_correct(answer, solution)
+    k, matched = match_key_steps(text, key_steps)
+    rar = step_rar(text, solution, key_steps, alpha, official)
+    rvr = step_rvr(text, official)
+    total = {"step": rar + rvr, "outcome": float(correct), "steprar": rar, "steprvr": rvr}[kind]
+    return {"total": total, "step_rar": rar, "step_rvr": rvr, "correct": correct,
+            "answer": answer, "k": k, "matched": matched}
+
+
+# ---------------------------------------------------------------------------- offline key steps
+_MATH_RUN = re.compile(r"(?:\\[a-zA-Z]+|\\%|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\b[A-Z]{1,3}\b|\b[a-z]\b"
+                       r"|[-+*/^()=×÷·√{}%°<>≤≥ \t])+")
+_QUANTITY = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s+([A-Za-z]{2,})\b")
+_STOP = set("and or is are was the to of in by from with times plus minus divided equals then so "
+            "which we that for on at as each per more less than".split())
+_TERMS = re.compile(r"\b(?:pythagorean theorem|right triangle|isosceles|equilateral|parallel|perpendicular|"
+                    r"similar triangles|congruent|midpoint|diameter|radius|circumference|inscribed angle|"
+                    r"central angle|supplementary|complementary|vertical angles|corresponding angles|perimeter|"
+                    r"area|volume|average|median|highest|lowest|maximum|minimum|increase|decrease|sum)\b", re.I)
+_WORDS = {"=": "equals", "/": "divided by", "×": "times", "*": "times", "+": "plus"}
+
+
+def _augment(step):
+    """Equivalent surface forms of one key step, the original first."""
+    plain = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"\1/\2", step)   # LaTeX -> plain
+    plain = re.sub(r"\\(?:times|cdot)", "×", re.sub(r"\\(?:left|right)|\$|\\(?=%)", "", plain))
+    plain = re.sub(r"\s+", " ", plain).strip()
+    alts = [step, plain, re.sub(r"\s*([=+*/×÷])\s*", r"\1", plain)]
+    alts.append(re.sub(r"(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])", r"\\frac{\1}{\2}", plain))
+    sides = [s.strip() for s in plain.split("=")]
+    if len(sides) > 1 and all(sides):   # y = x; a chain a = b = c also gives a = c and b = c
+        alts += [f"{sides[1]} = {sides[0]}"] if len(sides) == 2 else [
+            f"{sides[0]} = {sides[-1]}", f"{sides[-2]} = {sides[-1]}"]
+    alts.append(re.sub(r"\s*([=/×*+])\s*", lambda m: f" {_WORDS[m.group(1)]} ", plain))
+    m = re.fullmatch(r"(\d+) ([A-Za-z]+)", plain)
+    if m and int(m.group(1)) < len(_NUM_WORDS):
+        alts.append(f"{_NUM_WORDS[int(m.group(1))]} {m.group(2)}")
+    return list(dict.fromkeys(a for a in alts if a))
+
+
+def key_steps_from_solution(reference_reasoning):
+    """Rule-based, deterministic key steps of a reference path: {"Steps": [[alt, ...], ...]}.
+
+    From the '### Step N:' bodies (the whole text if there are none), in order of appearance:
+    equations, numbers with the word they count ("3 red"), remaining bare numbers, and short
+    (<= 3 words) key phrases: geometry/chart terms, quoted or bold text. Each is augmented into
+    equivalent forms. A group is kept only if match_key_steps finds it in the path itself.
+    """
+    text = _step_text(reference_reasoning) or reference_reasoning
+    found = []
+    for run in _MATH_RUN.findall(text):
+        eq = re.sub(r"(?:\\[a-zA-Z]+|[\s{(=+\-*/^×÷·,])+$", "", run)
+        eq = re.sub(r"^[\s)}=+*/^×÷·,]+", "", eq)
+        balanced = eq.count("{") == eq.count("}") and eq.count("(") == eq.count(")")
+        if "=" in eq and re.search(r"\d", eq) and balanced:
+            found.append(eq)
+    found += [f"{n} {w}" for n, w in _QUANTITY.findall(text) if w.lower() not in _STOP]
+    covered = " ".join(found)
+    found += [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])", text)
+              if not re.search(rf"(?<![\d.]){re.escape(n)}(?!\.?\d)", covered)]
+    found += [m.lower() for m in _TERMS.findall(text)]
+    found += [q.strip() for pair in re.findall(r"\*\*([^*\n]{1,40})\*\*|[\"“]([^\"”\n]{1,40})[\"”]", text)
+              for q in pair if q and len(q.split()) <= 3]
+    first = {}   # one group per normalised form, in order of appearance
+    for step in found:
+        first.setdefault(_norm_match(step), step)
+    source = "### Step 1:\n" + text
+    return {"Steps": [_augment(s) for s in first.values() if match_key_steps(source, [s])[0] == 1.0]}

@@ -1,0 +1,249 @@
+"""Data: the toy task's guarantees (determinism, disjoint splits, full reward for its own reference
+paths, no answer in the question text, a difficulty knob) and the loaders' skip/count policy."""
+import collections
+import json
+import logging
+import re
+
+import pytest
+from PIL import Image
+
+import data
+import rewards
+
+LEVELS = sorted(data.LEVELS)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """{(split, level): samples}, generated once for the whole module."""
+    return {(split, d): data.toy_dataset(split, n, seed=0, difficulty=d)
+            for d in LEVELS for split, n in (("train", 1000), ("test", 500))}
+
+
+def cells(img):
+    """Colour name of every 28×28 cell, row by row, read from the pixels."""
+    by_rgb = {rgb: name for name, rgb in data.PALETTE.items()}
+    return [by_rgb[img.getpixel((c * data.CELL + 14, r * data.CELL + 14))]
+            for r in range(img.height // data.CELL) for c in range(img.width // data.CELL)]
+
+
+def signature(sample):
+    return sample["image"].tobytes(), sample["problem"], sample["solution"], sample["answer"], sample["key_steps"]
+
+
+# ---------------------------------------------------------------------------- toy task
+def test_same_seed_gives_identical_samples():
+    a, b = data.toy_dataset("train", 50, seed=3), data.toy_dataset("train", 50, seed=3)
+    assert [signature(s) for s in a] == [signature(s) for s in b]
+    assert [s["id"] for s in a] == [s["id"] for s in b]
+
+
+def test_different_seed_gives_different_samples():
+    a, b = data.toy_dataset("train", 50, seed=3), data.toy_dataset("train", 50, seed=4)
+    assert sum(signature(x) != signature(y) for x, y in zip(a, b)) > 40
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_train_and_test_share_no_problem(toy, level):
+    key = lambda s: (s["image"].tobytes(), s["problem"])  # noqa: E731
+    train = {key(s) for s in toy["train", level]}
+    test = {key(s) for s in toy["test", level]}
+    assert len(test) > 300 and not train & test
+
+
+def test_splits_stay_disjoint_across_seeds_and_levels():
+    """The partition is by problem, not by seed: another seed's test set is still unseen."""
+    train = {(s["image"].tobytes(), s["problem"]) for d in (3, 4) for s in data.toy_dataset("train", 300, 1, d)}
+    test = {(s["image"].tobytes(), s["problem"]) for d in (3, 4) for s in data.toy_dataset("test", 300, 2, d)}
+    assert not train & test
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_reference_solution_gets_full_reward(toy, level):
+    for s in toy["test", level][:150]:
+        assert rewards.step_rvr(s["solution"]) == 1, s["id"]
+        assert rewards.step_rar(s["solution"], s["answer"], s["key_steps"]) == pytest.approx(1.1), s["id"]
+        assert rewards.step_rar(s["solution"], s["solution"], s["key_steps"]) == pytest.approx(1.1), s["id"]
+        assert rewards.is_correct(rewards.extract_answer(s["solution"]), s["answer"]), s["id"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_key_steps_pass_validation(toy, level):
+    for s in toy["train", level][:100]:
+        assert rewards.validate_key_steps(s["key_steps"]["Steps"], where=s["id"]) == s["key_steps"]["Steps"]
+
+
+def test_right_counts_with_wrong_arithmetic_earn_partial_credit(toy):
+    """The design goal: a wrong answer reached through the right counts scores α·k = 0.1·2/3."""
+    s = next(s for s in toy["test", 2] if s["answer"].isdigit())
+    body = s["key_steps"]["Steps"][-1][0]  # the reference's last step, e.g. "3 - 1 = 2"
+    wrong = str(int(s["answer"]) + 1)
+    completion = (s["solution"].replace(f"\n{body}\n", f"\n{body.rsplit('= ', 1)[0]}= {wrong}\n")
+                  .replace(f"is: {s['answer']}", f"is: {wrong}"))
+    assert completion != s["solution"] and rewards.step_rvr(completion) == 1
+    assert rewards.step_rar(completion, s["answer"], s["key_steps"]) == pytest.approx(0.1 * 2 / 3)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_each_key_step_is_credited_only_for_its_own_correct_step(toy, level):
+    """Making one step's result wrong (its last number + 1) loses exactly that group: no key step
+    is found in a neighbouring step or in a wrong count, so α·k measures the intermediate steps."""
+    for s in toy["test", level][:60]:
+        groups = s["key_steps"]["Steps"]
+        for i, alts in enumerate(groups):
+            wrong = re.sub(r"\d+(?!.*\d)", lambda m: str(int(m.group()) + 1), alts[0])
+            completion = s["solution"].replace(f"### Step {i + 1}:\n{alts[0]}\n", f"### Step {i + 1}:\n{wrong}\n")
+            _, matched = rewards.match_key_steps(completion, s["key_steps"])
+            assert [m is None for m in matched] == [j == i for j in range(len(groups))], (s["id"], wrong)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_question_text_alone_is_at_chance(toy, level):
+    """Best text-only guess (per question text, its most common train answer) on test ≈ uniform
+    guessing among that question's answers, far below the 100 % of a reader of the image."""
+    by_text = collections.defaultdict(collections.Counter)
+    for s in toy["train", level]:
+        by_text[s["problem"]][s["answer"]] += 1
+    test = toy["test", level]
+    assert all(s["problem"] in by_text for s in test)
+    acc = sum(by_text[s["problem"]].most_common(1)[0][0] == s["answer"] for s in test) / len(test)
+    chance = sum(1 / len(by_text[s["problem"]]) for s in test) / len(test)
+    assert abs(acc - chance) <= 0.05 and acc < 0.35, (acc, chance)
+
+
+@pytest.mark.parametrize("level, size", [(1, (84, 56)), (2, (84, 56)), (3, (84, 84)), (4, (84, 84))])
+def test_difficulty_sets_grid_and_number_of_steps(toy, level, size):
+    """One key-step group per step, whose first alternative is the step as the reference writes it."""
+    for s in toy["train", level][:200]:
+        steps = re.findall(r"^### Step (\d+):\n(.*)$", s["solution"], re.M)
+        assert [int(i) for i, _ in steps] == list(range(1, level + 2))
+        assert [body for _, body in steps] == [alts[0] for alts in s["key_steps"]["Steps"]]
+        assert s["image"].size == size
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_image_is_an_rgb_grid_of_solid_cells_aligned_to_28_px(toy, level):
+    for s in toy["train", level][:50]:
+        img = s["image"]
+        assert img.mode == "RGB" and img.width % 28 == 0 and img.height % 28 == 0
+        for r in range(img.height // 28):
+            for c in range(img.width // 28):
+                assert len(img.crop((c * 28, r * 28, c * 28 + 28, r * 28 + 28)).getcolors()) == 1
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_description_and_counts_agree_with_the_pixels(toy, level):
+    for s in toy["test", level][:100]:
+        grid = cells(s["image"])
+        rows = re.findall(r"Row \d+: ([a-z, ]+)\.", s["solution"])
+        assert [c for row in rows for c in row.split(", ")] == grid
+        for colour, n in re.findall(r"^### Step \d+:\n([a-z]+) = (\d+)$", s["solution"], re.M):
+            assert grid.count(colour) == int(n), s["id"]
+
+
+@pytest.mark.parametrize("kwargs", [{"split": "val"}, {"difficulty": 0}, {"difficulty": 5}])
+def test_unknown_split_or_difficulty_raises(kwargs):
+    with pytest.raises(ValueError):
+        data.toy_dataset(n=1, **kwargs)
+
+
+# ---------------------------------------------------------------------------- loaders
+GOOD_STEPS = {"Steps": [["AE = 2", "AE is 2"], ["x = 3"]]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "a.png")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (28, 28), "blue").save(tmp_path / "imgs" / "b.png")
+    return tmp_path
+
+
+def rl(image="a.png", **over):
+    rec = {"image_path": image, "problem": "What is x?", "solution": "### The final answer is: 3",
+           "key_steps": GOOD_STEPS}
+    return {k: v for k, v in {**rec, **over}.items() if v is not None}
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_rl_loader_keeps_good_records_and_counts_each_bad_one(folder, caplog):
+    rows = [rl(id="s1"),                                     # 1 dict key_steps
+            rl(key_steps=GOOD_STEPS["Steps"]),               # 2 bare list
+            rl(key_steps=json.dumps(GOOD_STEPS)),            # 3 JSON string of the dict
+            '{"image_path": "a.png", "problem": ',           # 4 malformed JSON
+            rl(problem=None),                                # 5 missing field
+            rl(image="nope.png"),                            # 6 missing image
+            rl(key_steps="not json"),                        # 7 bad key_steps
+            rl(key_steps={"Steps": [["x = 3"], []]}),        # 8 bad key_steps (empty group)
+            "", rl(image=str(folder / "imgs" / "b.png"))]    # 9 blank line; 10 absolute path
+    stats = {}
+    with caplog.at_level(logging.WARNING, logger="data"):
+        out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", rows), stats=stats)
+    assert stats == {"kept": 4, "skipped": {"malformed JSON": 1, "missing field": 1,
+                                             "missing image": 1, "bad key_steps": 2}}
+    assert [r["id"] for r in out] == ["s1", "rl.jsonl:2", "rl.jsonl:3", "rl.jsonl:10"]
+    assert all(r["key_steps"] == GOOD_STEPS for r in out)
+    assert out[0]["image_path"] == str(folder / "a.png")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 4
+    assert any("bad key_steps (lines 7, 8;" in w for w in warnings)
+    assert any("missing image (lines 6;" in w for w in warnings)
+
+
+def test_rl_loader_reads_a_json_list_with_an_image_root(folder):
+    path = folder / "rl.json"
+    path.write_text(json.dumps([rl(image="b.png"), rl(image="a.png")]))
+    stats = {}
+    out = data.load_rl_data(path, image_root=folder / "imgs", stats=stats)
+    assert [r["image_path"] for r in out] == [str(folder / "imgs" / "b.png")]
+    assert stats == {"kept": 1, "skipped": {"missing image": 1}}
+
+
+@pytest.mark.parametrize("loader", [data.load_rl_data, data.load_sft_data])
+def test_loader_raises_when_nothing_is_usable(folder, loader):
+    path = write_jsonl(folder / "bad.jsonl", ["{oops", rl(image="nope.png")])
+    with pytest.raises(ValueError, match=r"bad.jsonl: no usable records \(1 malformed JSON, 1 missing image\)"):
+        loader(path)
+
+
+@pytest.mark.parametrize("content, error", [("[{", ValueError), (None, FileNotFoundError)])
+def test_unreadable_file_raises(folder, content, error):
+    path = folder / "x.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(error, match="x.json"):
+        data.load_rl_data(path)
+
+
+def mulberry(question="<image>What is x?", answer="### Step 1:\nx = 3", images=("a.png",),
+             roles=("user", "assistant")):
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, (question, answer))],
+            "images": list(images)}
+
+
+def test_sft_loader_reads_mulberry_messages_and_rl_records(folder):
+    rows = [mulberry(), rl(image="imgs/b.png", solution="### Step 1:\nx = 3\n\n### The final answer is: 3"),
+            mulberry(images=("a.png", "a.png")),           # 3 two images
+            mulberry(roles=("user",)),                     # 4 no assistant turn
+            mulberry(images=("nope.png",))]                # 5 missing image
+    stats = {}
+    out = data.load_sft_data(write_jsonl(folder / "sft.jsonl", rows), stats=stats)
+    assert out[0] == {"id": "sft.jsonl:1", "image_path": str(folder / "a.png"),
+                      "problem": "What is x?", "response": "### Step 1:\nx = 3"}
+    assert out[1]["response"].endswith("### The final answer is: 3")
+    assert stats == {"kept": 2, "skipped": {"missing field": 2, "missing image": 1}}
+
+
+def test_sft_loader_drops_reflective_samples_only_on_request(folder):
+    reflective = ("### Step 1:\nx = 2\n\nThe previous reasoning step is wrong and let's rethink it again."
+                  "\n\n### Step 2:\nx = 3")
+    path = write_jsonl(folder / "sft.jsonl", [mulberry(), mulberry(answer=reflective)])
+    assert len(data.load_sft_data(path)) == 2
+    stats = {}
+    assert len(data.load_sft_data(path, stats=stats, drop_reflective=True)) == 1
+    assert stats["skipped"] == {"reflective (dropped on request)": 1}
