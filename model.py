@@ -35,7 +35,8 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 # The embedded preset: a real Qwen2-VL architecture, small enough to train on a laptop CPU.
 # Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.
 TINY = dict(vocab_size=1024, text_layers=4, hidden=128, heads=4, kv_heads=2, mlp=512,
-            vision_depth=2, vision_dim=64, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+            vision_depth=2, vision_dim=64, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
+            vision_mlp_ratio=2, rope_theta=10000.0, model_vocab=None)   # model_vocab None: the tokenizer's size
 
 
 # ----------------------------------------------------------------------------- loading
@@ -89,16 +90,16 @@ def build_tiny(seed=0, **overrides):
     head_dim = c["hidden"] // c["heads"]
     quarter = head_dim // 2 // 4           # M-RoPE splits the rotary half into (t, h, w) = 1/4, 3/8, 3/8
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=c["hidden"], intermediate_size=c["mlp"],
+        text_config=dict(vocab_size=c["model_vocab"] or len(tokenizer), hidden_size=c["hidden"], intermediate_size=c["mlp"],
                          num_hidden_layers=c["text_layers"], num_attention_heads=c["heads"],
                          num_key_value_heads=c["kv_heads"], max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"],
                                           "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
                                                             (head_dim // 2 - quarter) // 2]},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=c["vision_depth"], embed_dim=c["vision_dim"], hidden_size=c["hidden"],
-                           num_heads=c["vision_heads"], mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                           num_heads=c["vision_heads"], mlp_ratio=c["vision_mlp_ratio"], patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

@@ -40,8 +40,14 @@ class Rollout:
 
 @torch.no_grad()
 def generate(model, tokenizer, image_processor, images, questions, num_samples=4, temperature=1.0, top_p=1.0,
-             max_new_tokens=256, greedy=False, style="r1vl", max_prompt_len=MAX_PROMPT_LEN, prompts=None):
-    """Sample `num_samples` completions for each (image, question); greedy=True takes the argmax."""
+             max_new_tokens=256, greedy=False, style="r1vl", max_prompt_len=MAX_PROMPT_LEN, prompts=None, seeds=None,
+             ignore_eos=False):
+    """Sample `num_samples` completions for each (image, question); greedy=True takes the argmax.
+
+    `seeds` (one per input) gives each prompt's group its own random stream, so its samples do not
+    depend on which other prompts share the batch (or rank); without it the global RNG is used.
+    `ignore_eos` generates exactly `max_new_tokens` per completion (fixed workloads for benchmarks).
+    """
     batch = build_inputs(tokenizer, image_processor, images, questions, style, max_prompt_len, prompts)
     skipped = len(images) - (len(batch["kept"]) if batch else 0)
     if skipped:
@@ -52,8 +58,10 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     kept = batch.pop("kept")
     batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
     suppress, stop = special_ids(tokenizer)
+    stop = [] if ignore_eos else stop
     stop_t, pad = torch.tensor(stop, device=device), tokenizer.pad_token_id
     m = num_samples
+    generators = None if seeds is None else [torch.Generator(device).manual_seed(int(seeds[i])) for i in kept]
 
     # Prefill once per prompt with the model's own 3-D positions, then repeat the cache M times.
     positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
@@ -77,7 +85,7 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
         logits = logits.float() / (1.0 if greedy else temperature)
         logits[:, suppress] = float("-inf")
         logp = logits.log_softmax(-1)
-        tok = logp.argmax(-1) if greedy else sample_top_p(logp, top_p)
+        tok = logp.argmax(-1) if greedy else sample(logp, top_p, generators, m)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         tokens.append(tok), logps.append(logp.gather(1, tok[:, None]).squeeze(1))
         done |= torch.isin(tok, stop_t)
@@ -109,11 +117,17 @@ def first_stop_mask(completion_ids, stop_ids):
     return ((is_stop.cumsum(1) - is_stop) == 0).long(), ~is_stop.bool().any(1)
 
 
-def sample_top_p(logp, top_p):
-    """Sample from the smallest set of tokens whose probability reaches top_p (all tokens if top_p >= 1)."""
-    probs = logp.exp()
+def sample(logp, top_p=1.0, generators=None, group_size=1):
+    """Draw one token per row from softmax(logp) restricted to its top-p nucleus (Gumbel-max trick).
+
+    argmax(logp + Gumbel noise) is an exact sample; drawing the noise from one generator per group
+    of `group_size` rows makes each group's samples reproducible on their own."""
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p     # the top token always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1).squeeze(1)
+        sorted_logp, order = logp.sort(-1, descending=True)
+        outside = sorted_logp.exp().cumsum(-1) - sorted_logp.exp() >= top_p   # the top token always stays
+        logp = logp.scatter(-1, order, sorted_logp.masked_fill(outside, float("-inf")))
+    if generators is None:
+        u = torch.rand_like(logp)
+    else:
+        u = torch.cat([torch.rand(group_size, logp.shape[1], generator=g, device=logp.device) for g in generators])
+    return (logp - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))).argmax(-1)

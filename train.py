@@ -94,9 +94,9 @@ if args.data == "toy":
     eval_set = data.toy_dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
     sft_set = [{**s, "response": s["solution"]} for s in train_set]
 else:
-    stats = {}
-    sft_set = data.load_sft_data(args.data, args.image_root, stats) if args.stage != "rl" else []
-    train_set = data.load_rl_data(args.data, args.image_root, stats) if args.stage != "sft" else []
+    # Bad records are counted and logged by the loaders; a file with nothing usable is an error.
+    sft_set = data.load_sft_data(args.data, args.image_root) if args.stage != "rl" else []
+    train_set = data.load_rl_data(args.data, args.image_root) if args.stage != "sft" else []
     eval_set = []
 skipped = {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0}
 
@@ -217,7 +217,7 @@ def finished_stage(stage):
     """True when the checkpoint shows this stage is already complete (a resume past it)."""
     if not (args.resume and os.path.exists(ckpt_path)):
         return False
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)   # mmap: weights not read
     return stage == "sft" and state["stage"] == "rl"
 
 

@@ -142,8 +142,23 @@ def test_first_stop_mask(ids, mask, truncated):
 def test_top_p_keeps_only_the_nucleus():
     logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.manual_seed(0)
-    seen = {R.sample_top_p(logp, 0.7).item() for _ in range(200)}
+    seen = {R.sample(logp, 0.7).item() for _ in range(200)}
     assert seen == {0, 1}
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = R.sample(probs.log().expand(20000, 4).contiguous(), generators=[torch.Generator().manual_seed(0)],
+                     group_size=20000)
+    assert torch.allclose(torch.bincount(draws, minlength=4) / 20000, probs, atol=0.015)
+
+
+def test_seeded_groups_do_not_depend_on_batch_company(tiny):
+    policy, tok, ip = tiny
+    kw = dict(num_samples=2, temperature=1.3, max_new_tokens=16)
+    both = R.generate(policy, tok, ip, IMAGES, QUESTIONS, seeds=[11, 22], **kw)
+    alone = R.generate(policy, tok, ip, IMAGES[1:], QUESTIONS[1:], seeds=[22], **kw)
+    assert both.texts[2:] == alone.texts
 
 
 def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path):
