@@ -328,29 +328,28 @@ def rl(reference, bar):
             times["reference"] += time.time() - t
             parts.append(dict(ro=ro, samples=samples, rs=rs, adv=adv.to(device), frac_zero=frac_zero, batches=batches,
                               ref=ref, old=[None] * len(batches)))
-        # --- update: the loss is divided by the global count, so micro-batches, accumulation and ranks
-        # add up to exactly the mean over the whole global batch.
+        # --- update: the loss is divided by the global count of completions (or tokens), so
+        # micro-batches, accumulation and ranks add up to exactly the mean over the global batch.
         t = time.time()
+        count = torch.tensor(float(sum(p["ro"].completion_mask.sum() if args.loss_norm == "token" else len(p["rs"])
+                                       for p in parts)), device=device)
+        if ddp:
+            dist.all_reduce(count)
         for epoch in range(args.ppo_epochs):
             stats = []
             for part in parts:
-                ro, rs = part["ro"], part["rs"]
-                count = torch.tensor(float(ro.completion_mask.sum()) if args.loss_norm == "token" else float(len(rs)),
-                                     device=device)
-                if ddp:
-                    dist.all_reduce(count)
                 for i, rows in enumerate(part["batches"]):
-                    prompt, ids, cmask = ro.rows(rows)
+                    prompt, ids, cmask = part["ro"].rows(rows)
                     with amp:
                         lp = M.completion_logprobs(policy, prompt, ids, args.temperature, suppress_ids)
                     loss, st = policy_loss(lp, part["old"][i], part["ref"][i], part["adv"][rows], cmask, args.beta,
-                                           args.clip_eps, args.loss_norm, denom=count / world * len(parts))
+                                           args.clip_eps, args.loss_norm, denom=count.clamp(min=1) / world)
                     loss.backward()
                     if epoch == 0 and args.ppo_epochs > 1:   # π_old for the later epochs (PPO clipping acts)
                         part["old"][i] = lp.detach()
                     stats.append(dict(st, loss=loss.item(), rows=len(rows)))
             loss_value = sum(x["loss"] for x in stats)
-            norm = optimizer_step(optimizer, scheduler, loss_value) if stats else float("nan")
+            norm = optimizer_step(optimizer, scheduler, loss_value)   # every rank steps, even with no samples
         times["update"] += time.time() - t
         # --- log: per-sample figures are averaged over all ranks' samples
         rs = [r for part in parts for r in part["rs"]]
@@ -363,7 +362,7 @@ def rl(reference, bar):
                           kl=[x["kl"] for x in stats for _ in range(x["rows"])],   # micro-batch means, by rows
                           clip_frac=[x["clip_frac"] for x in stats for _ in range(x["rows"])])
         record = dict(stage="rl", step=step + 1, **global_means(per_sample),
-                      loss=loss_value if stats else float("nan"), grad_norm=norm if stats else float("nan"),
+                      loss=loss_value, grad_norm=norm,
                       lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
                       tokens_per_s=sum(lens) * world / max(times["generate"], 1e-9),
                       **{f"time_{k}": v for k, v in times.items()})
@@ -390,11 +389,6 @@ def global_means(lists):
     if ddp:
         dist.all_reduce(sums)
     return {k: (s / n).item() if n else float("nan") for k, (s, n) in zip(lists, sums)}
-
-
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def plot_curves():
@@ -440,7 +434,7 @@ if args.stage in ("rl", "both"):
         reference = M.load(os.path.join(args.out_dir, "warmup"), device=device, dtype=torch.float32)[0]
     else:
         reference = copy.deepcopy(policy)
-    reference.eval().requires_grad_(False)
+    reference.eval().requires_grad_(False).to(torch.bfloat16 if amp.enabled else torch.float32)
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, desc="StepGRPO", disable=not master)
     rl(reference, bar)
@@ -453,7 +447,8 @@ if master:
         part.save_pretrained(os.path.join(args.out_dir, "final"))
     rl_rows = [json.loads(line) for line in open(os.path.join(args.out_dir, "metrics.jsonl")) if '"stage": "rl"' in line]
     if rl_rows:
-        summary.update(reward_first=rl_rows[0]["reward"], reward_last=mean(r["reward"] for r in rl_rows[-10:]))
+        last = [r["reward"] for r in rl_rows[-10:]]
+        summary.update(reward_first=rl_rows[0]["reward"], reward_last=sum(last) / len(last))
     plot_curves()
     summary.update(seconds=round(time.time() - t_start, 1), skipped=skipped, out_dir=args.out_dir)
     run.finish()
