@@ -3,6 +3,7 @@
     python train.py                                   # tiny Qwen2-VL, toy task, CPU: warm-up then StepGRPO
     python train.py --model Qwen/Qwen2-VL-2B-Instruct --stage sft --data mulberry_260k.json --image_root imgs/
     torchrun --nproc_per_node 4 train.py --model out/sft/final --stage rl --data r1vl_10k.jsonl --image_root imgs/
+    torchrun --nproc_per_node 8 train.py --model out/sft-7b/final --stage rl --fsdp ...     # 7B: sharded
 
 What one RL step does, and the choices made (METHOD.md §6):
 1. Sample M completions for each of `prompts_per_step` image-questions per rank (one prefill per
@@ -11,19 +12,18 @@ What one RL step does, and the choices made (METHOD.md §6):
 2. Reward each with StepRAR + StepRVR (rewards.py); advantages are group z-scores (Eq. 4).
 3. One gradient step per rollout (official), so the PPO ratio is 1 and the loss is policy
    gradient + β·k3-KL to the frozen starting model (Eq. 5); `--clip_eps` acts only with `--ppo_epochs > 1`.
-4. Data parallel by an explicit all-reduce of gradients after the backward passes: whole groups stay
-   on one rank, and parameters without gradients on a rank (no image there) count as zeros.
+4. Whole groups stay on one rank; gradients are averaged by an explicit all-reduce (parallel.py),
+   and the loss is divided by the global count, so any number of ranks gives the same update.
 Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run
 under bf16 autocast.
 """
-import argparse, copy, json, math, os, random, time
+import argparse, json, math, os, random, time
 
 import torch
 import torch.distributed as dist
-
 import transformers
 
-import data, model as M, rewards, rollout
+import data, model as M, parallel, rewards, rollout
 from stepgrpo import group_advantages, policy_loss
 
 # ----------------------------------------------------------------------------- config
@@ -45,10 +45,11 @@ g.add_argument("--stage", choices=["sft", "rl", "both"])
 g.add_argument("--out_dir", default="out")
 g.add_argument("--seed", type=int, default=0)
 g.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint exactly")
+g.add_argument("--stop_after", type=int, default=0, help="end this run after N steps of a stage (continue with --resume)")
 g.add_argument("--dtype", default=None, help="autocast dtype on CUDA (bf16) or fp32")
+g.add_argument("--fsdp", action="store_true", help="shard blocks, gradients and optimizer state over ranks (FSDP2)")
 g.add_argument("--gradient_checkpointing", action="store_true")
 g.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
-g.add_argument("--stop_after", type=int, default=0, help="end this run after N steps of a stage (continue with --resume)")
 g = p.add_argument_group("StepGRPO (paper defaults)")
 for name, kind in [("max_steps", int), ("prompts_per_step", int), ("grad_accum", int), ("num_generations", int),
                    ("temperature", float), ("top_p", float), ("max_new_tokens", int), ("max_prompt_len", int),
@@ -70,22 +71,23 @@ config = vars(args)
 
 # ----------------------------------------------------------------------------- init
 transformers.utils.logging.disable_progress_bar()
-ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+ddp, rank, world, device = parallel.setup()
 master = rank == 0
-device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-if device.type == "cuda":
-    torch.cuda.set_device(device)
-amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.dtype != "fp32")
+bf16 = device.type == "cuda" and args.dtype != "fp32"
+amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 ckpt_path = os.path.join(args.out_dir, "checkpoint", "ckpt.pt")
 os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
 random.seed(args.seed), torch.manual_seed(args.seed)
 
-policy, tokenizer, image_processor = M.load(args.model, device=device, dtype=torch.float32)
-if args.gradient_checkpointing:
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+def load_model(name):
+    net = M.load(name, device=device, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        net[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return (parallel.shard(net[0]), *net[1:]) if args.fsdp else net
+
+
+policy, tokenizer, image_processor = load_model(args.model)
 suppress_ids, _ = M.special_ids(tokenizer)
 max_pixels = image_processor.size["longest_edge"]
 
@@ -119,15 +121,16 @@ def log_jsonl(name, record):
 
 
 def images_of(samples):
-    """Open each sample's image; an unreadable one is logged, counted and its sample dropped."""
-    good, images = [], []
-    for s in samples:
+    """Open each sample's image; an unreadable one is logged, counted and its sample dropped.
+    Returns (samples kept, their images, their indices in `samples`)."""
+    good, images, keep = [], [], []
+    for i, s in enumerate(samples):
         try:
-            images.append(M.load_image(s.get("image") or s.get("image_path"), max_pixels)), good.append(s)
+            images.append(M.load_image(s.get("image") or s.get("image_path"), max_pixels)), good.append(s), keep.append(i)
         except ValueError as e:
             skipped["bad_image"] += 1
             print(f"[rank {rank}] skipping sample {s.get('id')}: {e}")
-    return good, images
+    return good, images, keep
 
 
 def global_batch(dataset, step, per_rank, salt):
@@ -136,41 +139,35 @@ def global_batch(dataset, step, per_rank, salt):
     The position in the data is a function of the step, so a resumed run reads exactly what the
     uninterrupted one would have; returns (samples, their global stream positions)."""
     size = per_rank * world
-    positions = range(step * size + rank * per_rank, step * size + (rank + 1) * per_rank)
-    out = []
+    positions = list(range(step * size + rank * per_rank, step * size + (rank + 1) * per_rank))
+    orders = {}
     for pos in positions:
-        epoch, i = divmod(pos, len(dataset))
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch + salt))
-        out.append(dataset[int(order[i])])
-    return out, list(positions)
+        epoch = pos // len(dataset)
+        if epoch not in orders:
+            gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + salt)
+            orders[epoch] = torch.randperm(len(dataset), generator=gen)
+    return [dataset[int(orders[pos // len(dataset)][pos % len(dataset)])] for pos in positions], positions
 
 
-def sync_gradients(params):
-    """Average gradients over ranks; a parameter unused on a rank contributes zeros (METHOD.md §9.9)."""
-    if not ddp:
-        return
-    for q in params:
-        if q.grad is None:
-            q.grad = torch.zeros_like(q)
-        dist.all_reduce(q.grad)
-        q.grad /= world
+def sample(net, samples, images, **kw):
+    with amp, parallel.gathered(net, args.fsdp):
+        return rollout.generate(net, tokenizer, image_processor, images, [s["problem"] for s in samples],
+                                max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len, **kw)
 
 
 def heldout_accuracy(net, samples, batch=32):
-    """Greedy answers on held-out samples: (accuracy, format validity = mean StepRVR)."""
-    if not samples:
-        return None, None
-    correct, valid = 0, 0
-    for i in range(0, len(samples), batch):
-        chunk, images = images_of(samples[i:i + batch])
-        with amp:
-            ro = rollout.generate(net, tokenizer, image_processor, images, [s["problem"] for s in chunk],
-                                  num_samples=1, greedy=True, max_new_tokens=args.max_new_tokens,
-                                  max_prompt_len=args.max_prompt_len)
+    """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR)."""
+    correct, valid = [], []
+    mine = samples[rank::world]
+    for i in range(0, math.ceil(len(samples) / world), batch):   # the same number of calls on every rank
+        chunk, images, _ = images_of(mine[i:i + batch])
+        ro = sample(net, chunk, images, num_samples=1, greedy=True)
         for text, g in zip(ro.texts if ro else [], ro.group.tolist() if ro else []):
             r = rewards.reward(text, chunk[ro.kept[g]], kind="step", alpha=args.alpha)
-            correct, valid = correct + r["correct"], valid + r["step_rvr"]
-    return correct / len(samples), valid / len(samples)
+            correct.append(float(r["correct"])), valid.append(r["step_rvr"])
+    missing = [0.0] * (len(mine) - len(correct))         # skipped samples count as wrong
+    m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), device, ddp)
+    return m["accuracy"], m["format_valid"]
 
 
 def save_checkpoint(stage, step, optimizer, scheduler):
@@ -179,8 +176,9 @@ def save_checkpoint(stage, step, optimizer, scheduler):
            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
     all_rng = [None] * world
     dist.all_gather_object(all_rng, rng) if ddp else all_rng.__setitem__(0, rng)
+    model_state, optimizer_state = parallel.full_state(policy, optimizer, args.fsdp)
     if master:
-        state = dict(stage=stage, step=step, model=policy.state_dict(), optimizer=optimizer.state_dict(),
+        state = dict(stage=stage, step=step, model=model_state, optimizer=optimizer_state,
                      scheduler=scheduler.state_dict(), rng=all_rng, skipped=skipped, config=config)
         torch.save(state, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
@@ -192,15 +190,15 @@ def load_checkpoint(stage, optimizer, scheduler):
     """Restore a checkpoint of `stage`; returns the step to continue from (0 if there is none)."""
     if not (args.resume and os.path.exists(ckpt_path)):
         return 0
-    state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if state["stage"] != stage:
         return 0
-    policy.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"]), scheduler.load_state_dict(state["scheduler"])
+    parallel.load_full_state(policy, optimizer, state["model"], state["optimizer"], args.fsdp)
+    scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"].cpu()), random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
     if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
+        torch.cuda.set_rng_state(rng["cuda"])
     skipped.update(state["skipped"])
     path = os.path.join(args.out_dir, "metrics.jsonl")
     if master and os.path.exists(path):   # the resumed run logs the steps after the checkpoint again
@@ -221,9 +219,21 @@ def finished_stage(stage):
     return stage == "sft" and state["stage"] == "rl"
 
 
+def save_pretrained(name):
+    """Hugging Face format (model, tokenizer, image processor): plain transformers loads it back."""
+    state, _ = parallel.full_state(policy, None, args.fsdp)
+    if master:
+        for part in (tokenizer, image_processor):
+            part.save_pretrained(os.path.join(args.out_dir, name))
+        policy.save_pretrained(os.path.join(args.out_dir, name), state_dict=state)
+    if ddp:
+        dist.barrier()
+
+
 def make_optimizer(lr, weight_decay, steps, warmup_frac, cosine):
     opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
     warm = max(1, int(warmup_frac * steps))
+
     def factor(s):  # SFT: warm-up then cosine (paper); RL: linear decay, no warm-up (official)
         if s < warm and warmup_frac > 0:
             return (s + 1) / warm
@@ -238,8 +248,8 @@ def optimizer_step(optimizer, scheduler, loss_value):
     if ddp:
         dist.all_reduce(bad)
     params = [q for q in policy.parameters() if q.requires_grad]
-    sync_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item() if not bad else float("nan")
+    parallel.sync_gradients(params, world)
+    norm = parallel.clip_gradients(params, 1.0)
     if bad:
         skipped["nonfinite_loss"] += 1
         print(f"non-finite loss {loss_value}: update skipped")
@@ -250,6 +260,13 @@ def optimizer_step(optimizer, scheduler, loss_value):
     return norm
 
 
+def end_of_step(stage, step, start, last, optimizer, scheduler):
+    if (step + 1) % args.save_every == 0 or step + 1 == last:
+        save_checkpoint(stage, step + 1, optimizer, scheduler)
+    if args.stop_after and step + 1 - start == args.stop_after:
+        raise SystemExit(f"stopped after {args.stop_after} steps; continue with --resume")
+
+
 # ----------------------------------------------------------------------------- stage 1: SFT warm-up
 def sft():
     """Token NLL on the assistant turn (the response plus its closing <|im_end|>)."""
@@ -258,39 +275,38 @@ def sft():
     policy.train()
     for step in range(start, args.sft_steps):
         t0 = time.time()
-        samples, images = images_of(global_batch(sft_set, step, args.sft_batch, salt=7)[0])
+        samples, images, _ = images_of(global_batch(sft_set, step, args.sft_batch, salt=7)[0])
         batch = M.build_inputs(tokenizer, image_processor, images, [s["problem"] for s in samples],
                                max_prompt_len=args.max_prompt_len)
-        if batch is None:
-            continue
-        kept = batch.pop("kept")
+        kept = batch.pop("kept") if batch else []
         skipped["long_prompt"] += len(samples) - len(kept)
-        targets = [tokenizer(samples[i]["response"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-                   [:args.max_new_tokens] for i in kept]
-        length = max(map(len, targets))
-        ids = torch.full((len(targets), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(targets), length)
-        for r, t in enumerate(targets):
-            ids[r, :len(t)], mask[r, :len(t)] = torch.tensor(t), 1
-        batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
-        with amp:
-            logp = M.completion_logprobs(policy, batch, ids.to(device))
-        mask = mask.to(device)
-        count = mask.sum()                      # the global token count: ranks add up to the global mean
-        if ddp:
-            dist.all_reduce(count)
-        loss = -(logp * mask).sum() / (count / world)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        if kept:
+            targets = [tokenizer(samples[i]["response"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                       [:args.max_new_tokens] for i in kept]
+            ids = torch.full((len(kept), max(map(len, targets))), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(ids.shape, device=device)
+            for r, t in enumerate(targets):
+                ids[r, :len(t)], mask[r, :len(t)] = torch.tensor(t), 1
+            with amp:
+                logp = M.completion_logprobs(policy, {k: v.to(device) if v is not None else None
+                                                      for k, v in batch.items()}, ids.to(device))
+            count = mask.sum()                      # the global token count: ranks add up to the global mean
+            if ddp:
+                dist.all_reduce(count)
+            loss = -(logp * mask).sum() / (count / world)
+            loss.backward()
         norm = optimizer_step(optimizer, scheduler, loss.item())
+        loss = loss.detach()
+        if ddp:                                     # log the global mean, not this rank's share
+            dist.all_reduce(loss)
+            loss /= world
         record = dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                       lr=scheduler.get_last_lr()[0], seconds=time.time() - t0)
         log_jsonl("metrics.jsonl", record), run.log(record)
         if master and (step + 1) % 50 == 0:
             print(f"sft step {step + 1}/{args.sft_steps} loss {loss.item():.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.sft_steps:
-            save_checkpoint("sft", step + 1, optimizer, scheduler)
-        if args.stop_after and step + 1 - start == args.stop_after:
-            raise SystemExit(f"stopped after {args.stop_after} steps; continue with --resume")
+        end_of_step("sft", step, start, args.sft_steps, optimizer, scheduler)
 
 
 # ----------------------------------------------------------------------------- stage 2: StepGRPO
@@ -304,30 +320,28 @@ def rl(reference, bar):
             # --- rollout: M samples per prompt, each prompt's sampling seeded by its global position
             t = time.time()
             samples, positions = global_batch(train_set, step * args.grad_accum + accum, args.prompts_per_step, 0)
-            samples, images = images_of(samples)
-            with amp:
-                ro = rollout.generate(policy, tokenizer, image_processor, images, [s["problem"] for s in samples],
-                                      num_samples=m, temperature=args.temperature, top_p=args.top_p,
-                                      max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                                      seeds=[args.seed * 1_000_003 + pos for pos in positions])
+            samples, images, keep = images_of(samples)
+            ro = sample(policy, samples, images, num_samples=m, temperature=args.temperature, top_p=args.top_p,
+                        seeds=[args.seed * 1_000_003 + positions[i] for i in keep])
             times["generate"] += time.time() - t
             skipped["long_prompt"] += len(samples) - (len(ro.kept) if ro else 0)
             if ro is None:
                 continue
-            # --- rewards (Eqs. 2-3), group advantages (Eq. 4), reference log-probs (no activations kept)
+            # --- rewards (Eqs. 2-3) and group advantages (Eq. 4)
             t = time.time()
             rs = [rewards.reward(text, samples[ro.kept[g]], kind=args.reward, alpha=args.alpha)
                   for text, g in zip(ro.texts, ro.group.tolist())]
             adv, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), m)
+            parts.append(dict(ro=ro, samples=samples, rs=rs, adv=adv.to(device), frac_zero=frac_zero))
             times["reward"] += time.time() - t
-            t = time.time()
-            batches = [list(range(s, min(s + args.micro_batch, len(rs)))) for s in range(0, len(rs), args.micro_batch)]
-            with torch.no_grad(), amp:
-                ref = [M.completion_logprobs(reference, *ro.rows(b)[:2], args.temperature, suppress_ids)
-                       if args.beta else None for b in batches]
-            times["reference"] += time.time() - t
-            parts.append(dict(ro=ro, samples=samples, rs=rs, adv=adv.to(device), frac_zero=frac_zero, batches=batches,
-                              ref=ref, old=[None] * len(batches)))
+        # --- micro-batches of rows; reference log-probs once, without keeping activations
+        t = time.time()
+        jobs = parallel.lockstep([(p, list(range(s, min(s + args.micro_batch, len(p["rs"])))))
+                                  for p in parts for s in range(0, len(p["rs"]), args.micro_batch)], args.fsdp, ddp)
+        with torch.no_grad(), amp:
+            ref = [M.completion_logprobs(reference, *p["ro"].rows(rows)[:2], args.temperature, suppress_ids)
+                   if args.beta else None for (p, rows), _ in jobs]
+        times["reference"] += time.time() - t
         # --- update: the loss is divided by the global count of completions (or tokens), so
         # micro-batches, accumulation and ranks add up to exactly the mean over the global batch.
         t = time.time()
@@ -335,18 +349,19 @@ def rl(reference, bar):
                                        for p in parts)), device=device)
         if ddp:
             dist.all_reduce(count)
+        old = [None] * len(jobs)
         for epoch in range(args.ppo_epochs):
             stats = []
-            for part in parts:
-                for i, rows in enumerate(part["batches"]):
-                    prompt, ids, cmask = part["ro"].rows(rows)
-                    with amp:
-                        lp = M.completion_logprobs(policy, prompt, ids, args.temperature, suppress_ids)
-                    loss, st = policy_loss(lp, part["old"][i], part["ref"][i], part["adv"][rows], cmask, args.beta,
-                                           args.clip_eps, args.loss_norm, denom=count.clamp(min=1) / world)
-                    loss.backward()
-                    if epoch == 0 and args.ppo_epochs > 1:   # π_old for the later epochs (PPO clipping acts)
-                        part["old"][i] = lp.detach()
+            for j, ((p, rows), weight) in enumerate(jobs):
+                prompt, ids, cmask = p["ro"].rows(rows)
+                with amp:
+                    lp = M.completion_logprobs(policy, prompt, ids, args.temperature, suppress_ids)
+                loss, st = policy_loss(lp, old[j], ref[j], p["adv"][rows], cmask, args.beta, args.clip_eps,
+                                       args.loss_norm, denom=count.clamp(min=1) / world)
+                (loss * weight).backward()
+                if epoch == 0 and args.ppo_epochs > 1:   # π_old for the later epochs (PPO clipping acts)
+                    old[j] = lp.detach()
+                if weight:
                     stats.append(dict(st, loss=loss.item(), rows=len(rows)))
             loss_value = sum(x["loss"] for x in stats)
             norm = optimizer_step(optimizer, scheduler, loss_value)   # every rank steps, even with no samples
@@ -361,9 +376,8 @@ def rl(reference, bar):
                           frac_reward_zero_std=[part["frac_zero"] for part in parts],
                           kl=[x["kl"] for x in stats for _ in range(x["rows"])],   # micro-batch means, by rows
                           clip_frac=[x["clip_frac"] for x in stats for _ in range(x["rows"])])
-        record = dict(stage="rl", step=step + 1, **global_means(per_sample),
-                      loss=loss_value, grad_norm=norm,
-                      lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
+        record = dict(stage="rl", step=step + 1, **parallel.global_means(per_sample, device, ddp),
+                      loss=loss_value, grad_norm=norm, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
                       tokens_per_s=sum(lens) * world / max(times["generate"], 1e-9),
                       **{f"time_{k}": v for k, v in times.items()})
         log_jsonl("metrics.jsonl", record), run.log(record)
@@ -374,21 +388,10 @@ def rl(reference, bar):
                                                      completion=text, **r))
         bar.update(1), bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                                        kl=f"{record['kl']:.4f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and master and eval_set:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and eval_set:
             acc, valid = heldout_accuracy(policy, eval_set)
             log_jsonl("metrics.jsonl", dict(stage="eval", step=step + 1, accuracy=acc, format_valid=valid))
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-            save_checkpoint("rl", step + 1, optimizer, scheduler)
-        if args.stop_after and step + 1 - start == args.stop_after:
-            raise SystemExit(f"stopped after {args.stop_after} steps; continue with --resume")
-
-
-def global_means(lists):
-    """{name: mean over every rank's values} for a dict of per-sample value lists."""
-    sums = torch.tensor([[sum(v), len(v)] for v in lists.values()], dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(sums)
-    return {k: (s / n).item() if n else float("nan") for k, (s, n) in zip(lists, sums)}
+        end_of_step("rl", step, start, args.max_steps, optimizer, scheduler)
 
 
 def plot_curves():
@@ -414,37 +417,35 @@ def plot_curves():
 
 # ----------------------------------------------------------------------------- main
 t_start, summary = time.time(), {}
-if not args.resume and master and os.path.exists(os.path.join(args.out_dir, "metrics.jsonl")):
+if not args.resume and master:
     for name in ("metrics.jsonl", "rollouts.jsonl"):
         if os.path.exists(os.path.join(args.out_dir, name)):
             os.remove(os.path.join(args.out_dir, name))
 ran_sft = args.stage in ("sft", "both") and not finished_stage("sft")
 if ran_sft:
     sft()
-    if master and args.stage == "both":
-        for part in (policy, tokenizer, image_processor):
-            part.save_pretrained(os.path.join(args.out_dir, "warmup"))
-    if eval_set and master:
+    if args.stage == "both":
+        save_pretrained("warmup")
+    if eval_set:
         summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(policy, eval_set)
-        print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
+        if master:
+            print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
 if args.stage in ("rl", "both"):
-    # The reference is the frozen starting model of the RL stage: the warm-up result for "both"
-    # (read back from out_dir/warmup when a resumed run skipped the warm-up), else --model.
-    if args.stage == "both" and not ran_sft:
-        reference = M.load(os.path.join(args.out_dir, "warmup"), device=device, dtype=torch.float32)[0]
-    else:
-        reference = copy.deepcopy(policy)
-    reference.eval().requires_grad_(False).to(torch.bfloat16 if amp.enabled else torch.float32)
+    # The reference is the frozen starting model of the RL stage: --model, or the warm-up result.
+    reference = load_model(os.path.join(args.out_dir, "warmup") if args.stage == "both" else args.model)[0]
+    reference.eval().requires_grad_(False)
+    if bf16 and not args.fsdp:   # frozen: the compute dtype is enough
+        reference.to(torch.bfloat16)
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, desc="StepGRPO", disable=not master)
     rl(reference, bar)
     bar.close()
-    if eval_set and master:
+    if eval_set:
         summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(policy, eval_set)
-        print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
+        if master:
+            print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
+save_pretrained("final")
 if master:
-    for part in (policy, tokenizer, image_processor):
-        part.save_pretrained(os.path.join(args.out_dir, "final"))
     rl_rows = [json.loads(line) for line in open(os.path.join(args.out_dir, "metrics.jsonl")) if '"stage": "rl"' in line]
     if rl_rows:
         last = [r["reward"] for r in rl_rows[-10:]]

@@ -50,15 +50,22 @@ def test_sft_loss_falls(warm):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
 
 
-def test_two_ranks_give_the_same_update_as_one(warm, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(warm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    train(out, "--model", str(warm / "final"), *RL, "--max_steps", "2")
+    return out
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["data-parallel", "fsdp"])
+def test_two_ranks_give_the_same_update_as_one(warm, one_rank, tmp_path, mode):
     model = str(warm / "final")
-    train(tmp_path / "one", "--model", model, *RL, "--max_steps", "2")
-    train(tmp_path / "two", "--model", model, *RL, "--max_steps", "2", "--prompts_per_step", "2", nproc=2)
-    start, one, two = load_file(os.path.join(model, "model.safetensors")), weights(tmp_path / "one"), weights(tmp_path / "two")
+    train(tmp_path, "--model", model, *RL, "--max_steps", "2", "--prompts_per_step", "2", *mode, nproc=2)
+    start, one, two = load_file(os.path.join(model, "model.safetensors")), weights(one_rank), weights(tmp_path)
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-5          # the update is not empty
     for k in one:
         assert torch.allclose(one[k], two[k], atol=2e-6, rtol=0), k
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    m1, m2 = metrics(one_rank), metrics(tmp_path)
     assert [r["frac_reward_zero_std"] for r in m1] != [1.0, 1.0]                    # rewards did vary
     assert [round(r["reward"], 6) for r in m1] == [round(r["reward"], 6) for r in m2]
 

@@ -1,0 +1,126 @@
+"""parallel.py: the multi-process pieces train.py uses: data parallel by explicit gradient
+all-reduce, and FSDP2 sharding for models whose weights and optimizer state do not fit one GPU.
+
+Data parallel (default under torchrun): every rank holds the whole model; after the backward
+passes `sync_gradients` averages gradients. Written out instead of wrapping the model in DDP so
+that (a) the loop can call the model's parts directly (chunked log-probs need the LM head weight),
+(b) a parameter that got no gradient on a rank, e.g. the vision tower when a rank saw no image,
+counts as zero instead of hanging DDP (METHOD.md §9.9), and (c) accumulation needs no `no_sync`.
+
+FSDP (`--fsdp`): each text decoder layer and vision block keeps 1/world of its weights, gradients
+and AdamW state (`torch.distributed.fsdp.fully_shard`); embeddings, LM head and norms stay
+replicated and are averaged like data parallel. Sharded blocks gather their weights in every
+forward, so ranks must run the same number of forwards: sampling runs with the weights gathered
+once (`gathered`), and the loop pads micro-batch counts across ranks (`lockstep`).
+"""
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def setup():
+    """(distributed?, rank, world size, device) from torchrun's environment (gloo on CPU, NCCL on CUDA)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def blocks(net):
+    """The repeated blocks FSDP shards: text decoder layers and vision transformer blocks."""
+    return [*net.model.language_model.layers, *net.model.visual.blocks]
+
+
+def shard(net):
+    from torch.distributed.fsdp import fully_shard
+    for block in blocks(net):
+        fully_shard(block)
+    return net
+
+
+@contextlib.contextmanager
+def gathered(net, fsdp):
+    """Under FSDP, hold every block's full weights for a while (sampling: no collective per token,
+    so ranks may decode different numbers of tokens); a no-op otherwise."""
+    for block in blocks(net) if fsdp else []:
+        block.unshard()
+    try:
+        yield
+    finally:
+        for block in blocks(net) if fsdp else []:
+            block.reshard()
+
+
+def lockstep(jobs, fsdp, distributed):
+    """Under FSDP, pad this rank's list of micro-batch jobs to the longest across ranks by repeating
+    its last job with weight 0, so every rank runs the same number of sharded forwards.
+    Returns [(job, weight)]."""
+    out = [(job, 1.0) for job in jobs]
+    if not (fsdp and distributed):
+        return out
+    n = torch.tensor(len(jobs))
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if n > len(jobs) and not jobs:
+        raise RuntimeError("every prompt of this rank was skipped; under --fsdp each rank needs at least one")
+    return out + [(jobs[-1], 0.0)] * (int(n) - len(jobs))
+
+
+def sync_gradients(params, world):
+    """Average replicated gradients over ranks; FSDP already reduce-scattered (and averaged) its shards."""
+    for q in params:
+        if q.grad is None:
+            q.grad = torch.zeros_like(q)
+        if world > 1 and not isinstance(q.grad, DTensor):
+            dist.all_reduce(q.grad)
+            q.grad /= world
+
+
+def clip_gradients(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
+    sq = 0.0
+    for q in params:
+        if q.grad is not None:   # a shard's squared norm is summed over ranks by full_tensor()
+            g = q.grad.float()
+            sq = sq + (g.pow(2).sum().full_tensor() if isinstance(g, DTensor) else g.pow(2).sum())
+    norm = float(sq) ** 0.5
+    if norm > max_norm:
+        for q in params:
+            if q.grad is not None:
+                q.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def full_state(net, optimizer, fsdp):
+    """(model, optimizer) state dicts with whole tensors (FSDP shards gathered onto rank 0's CPU)."""
+    if not fsdp:
+        return net.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(net, options=options), None
+    return get_state_dict(net, optimizer, options=options)
+
+
+def load_full_state(net, optimizer, model_state, optimizer_state, fsdp):
+    if not fsdp:
+        net.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(net, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def global_means(lists, device, distributed):
+    """{name: mean over every rank's values} for a dict of per-sample value lists."""
+    sums = torch.tensor([[sum(v), len(v)] for v in lists.values()], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(sums)
+    return {k: (s / n).item() if n else float("nan") for k, (s, n) in zip(lists, sums)}
