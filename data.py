@@ -161,7 +161,7 @@ def _toy_sample(rng, level, split):
     problem, rationale, steps, answer = posed
     desc = " ".join(f"Row {r + 1}: {', '.join(grid[r * cols:(r + 1) * cols])}." for r in range(rows))
     body = "\n\n".join(f"### Step {i}:\n{text}" for i, (text, _) in enumerate(steps, 1))
-    solution = (f"### Image Description:\nA {rows}x{cols} grid. {desc}\n\n### Rationales:\n{rationale}\n\n"
+    solution = (f"### Image Description:\n{desc}\n\n### Rationales:\n{rationale}\n\n"
                 f"### Let's think step by step.\n\n{body}\n\n### The final answer is: {answer}")
     return {"image": _render(rows, cols, grid), "problem": problem, "solution": solution,
             "answer": str(answer), "key_steps": {"Steps": [alts for _, alts in steps]}}
@@ -315,3 +315,19 @@ def load_sft_data(path, image_root=None, stats=None, drop_reflective=False):
     `load_rl_data`.
     """
     return _load(path, image_root, lambda rec, where: _sft_record(rec, drop_reflective), stats)
+
+
+# ---------------------------------------------------------------------------- order of reading
+def batch_at(dataset, step, per_rank, rank=0, world=1, seed=0):
+    """This rank's slice of batch number `step` in an endless stream of per-epoch shuffles.
+
+    Step k of a run covers stream positions [k·B, (k+1)·B), B = per_rank·world, rank r the r-th
+    slice. The position is a function of the step, so a resumed run reads exactly what the
+    uninterrupted one would have, and any number of ranks reads the same global batch.
+    Returns (samples, their stream positions)."""
+    size, orders = per_rank * world, {}
+    positions = list(range(step * size + rank * per_rank, step * size + (rank + 1) * per_rank))
+    for epoch in {pos // len(dataset) for pos in positions}:
+        orders[epoch] = random.Random(seed * 1000 + epoch).sample(range(len(dataset)), len(dataset))
+    return [dataset[orders[pos // len(dataset)][pos % len(dataset)]] for pos in positions], positions
+

@@ -133,22 +133,6 @@ def images_of(samples):
     return good, images, keep
 
 
-def global_batch(dataset, step, per_rank, salt):
-    """This rank's slice of step `step`'s global batch, from a per-epoch shuffle seeded by the run seed.
-
-    The position in the data is a function of the step, so a resumed run reads exactly what the
-    uninterrupted one would have; returns (samples, their global stream positions)."""
-    size = per_rank * world
-    positions = list(range(step * size + rank * per_rank, step * size + (rank + 1) * per_rank))
-    orders = {}
-    for pos in positions:
-        epoch = pos // len(dataset)
-        if epoch not in orders:
-            gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + salt)
-            orders[epoch] = torch.randperm(len(dataset), generator=gen)
-    return [dataset[int(orders[pos // len(dataset)][pos % len(dataset)])] for pos in positions], positions
-
-
 def sample(net, samples, images, **kw):
     with amp, parallel.gathered(net, args.fsdp):
         return rollout.generate(net, tokenizer, image_processor, images, [s["problem"] for s in samples],
@@ -275,7 +259,7 @@ def sft():
     policy.train()
     for step in range(start, args.sft_steps):
         t0 = time.time()
-        samples, images, _ = images_of(global_batch(sft_set, step, args.sft_batch, salt=7)[0])
+        samples, images, _ = images_of(data.batch_at(sft_set, step, args.sft_batch, rank, world, args.seed + 7)[0])
         batch = M.build_inputs(tokenizer, image_processor, images, [s["problem"] for s in samples],
                                max_prompt_len=args.max_prompt_len)
         kept = batch.pop("kept") if batch else []
@@ -319,7 +303,7 @@ def rl(reference, bar):
         for accum in range(args.grad_accum):
             # --- rollout: M samples per prompt, each prompt's sampling seeded by its global position
             t = time.time()
-            samples, positions = global_batch(train_set, step * args.grad_accum + accum, args.prompts_per_step, 0)
+            samples, positions = data.batch_at(train_set, step * args.grad_accum + accum, args.prompts_per_step, rank, world, args.seed)
             samples, images, keep = images_of(samples)
             ro = sample(policy, samples, images, num_samples=m, temperature=args.temperature, top_p=args.top_p,
                         seeds=[args.seed * 1_000_003 + positions[i] for i in keep])
