@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-import data, model as M, parallel, rewards, rollout
+import checkpoint, data, model as M, parallel, rewards, rollout
 from stepgrpo import group_advantages, policy_loss
 
 # ----------------------------------------------------------------------------- config
@@ -155,63 +155,25 @@ def heldout_accuracy(net, samples, batch=32):
 
 
 def save_checkpoint(stage, step, optimizer, scheduler):
-    """Everything an exact resume needs, written to a temp file and renamed (atomic)."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-    all_rng = [None] * world
-    dist.all_gather_object(all_rng, rng) if ddp else all_rng.__setitem__(0, rng)
-    model_state, optimizer_state = parallel.full_state(policy, optimizer, args.fsdp)
-    if master:
-        state = dict(stage=stage, step=step, model=model_state, optimizer=optimizer_state,
-                     scheduler=scheduler.state_dict(), rng=all_rng, skipped=skipped, config=config)
-        torch.save(state, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
-    if ddp:
-        dist.barrier()
+    checkpoint.save(ckpt_path, stage, step, policy, optimizer, scheduler, dict(skipped=skipped, config=config),
+                    args.fsdp, ddp, master)
 
 
 def load_checkpoint(stage, optimizer, scheduler):
-    """Restore a checkpoint of `stage`; returns the step to continue from (0 if there is none)."""
-    if not (args.resume and os.path.exists(ckpt_path)):
+    """Restore a checkpoint of `stage` when resuming; returns the step to continue from (0 if none)."""
+    state = checkpoint.load(ckpt_path, stage, policy, optimizer, scheduler, args.fsdp, rank) if args.resume else None
+    if state is None:
         return 0
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if state["stage"] != stage:
-        return 0
-    parallel.load_full_state(policy, optimizer, state["model"], state["optimizer"], args.fsdp)
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
     skipped.update(state["skipped"])
-    path = os.path.join(args.out_dir, "metrics.jsonl")
-    if master and os.path.exists(path):   # the resumed run logs the steps after the checkpoint again
-        order = {"sft": 0, "rl": 1, "eval": 1}
-        rows = [json.loads(line) for line in open(path)]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows
-                         if (order[r["stage"]], r["step"]) <= (order[stage], state["step"]))
-    print(f"resumed {stage} at step {state['step']}")
+    if master:
+        checkpoint.trim_log(os.path.join(args.out_dir, "metrics.jsonl"), stage, state["step"])
+        print(f"resumed {stage} at step {state['step']}")
     return state["step"]
 
 
-def finished_stage(stage):
-    """True when the checkpoint shows this stage is already complete (a resume past it)."""
-    if not (args.resume and os.path.exists(ckpt_path)):
-        return False
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)   # mmap: weights not read
-    return stage == "sft" and state["stage"] == "rl"
-
-
 def save_pretrained(name):
-    """Hugging Face format (model, tokenizer, image processor): plain transformers loads it back."""
-    state, _ = parallel.full_state(policy, None, args.fsdp)
-    if master:
-        for part in (tokenizer, image_processor):
-            part.save_pretrained(os.path.join(args.out_dir, name))
-        policy.save_pretrained(os.path.join(args.out_dir, name), state_dict=state)
-    if ddp:
-        dist.barrier()
+    checkpoint.save_pretrained(os.path.join(args.out_dir, name), policy, tokenizer, image_processor, args.fsdp,
+                               ddp, master)
 
 
 def make_optimizer(lr, weight_decay, steps, warmup_frac, cosine):
@@ -405,7 +367,7 @@ if not args.resume and master:
     for name in ("metrics.jsonl", "rollouts.jsonl"):
         if os.path.exists(os.path.join(args.out_dir, name)):
             os.remove(os.path.join(args.out_dir, name))
-ran_sft = args.stage in ("sft", "both") and not finished_stage("sft")
+ran_sft = args.stage in ("sft", "both") and not (args.resume and checkpoint.stage_of(ckpt_path) == "rl")
 if ran_sft:
     sft()
     if args.stage == "both":
