@@ -33,9 +33,11 @@ class Rollout:
     suppress_ids: list            # token ids removed from the sampling distribution
 
     def rows(self, idx):
-        """(prompt sub-batch, completion ids, completion mask) for rows `idx`, e.g. one micro-batch."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return select_rows(self.prompt, idx), self.completion_ids[idx], self.completion_mask[idx]
+        """(prompt sub-batch, completion ids, completion mask) for rows `idx`, e.g. one micro-batch,
+        with the completion columns cut to the longest of these rows (no forward over padding)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.completion_ids.device)
+        length = max(int(self.completion_mask[idx].sum(1).max()), 1)
+        return select_rows(self.prompt, idx), self.completion_ids[idx, :length], self.completion_mask[idx, :length]
 
 
 @torch.no_grad()

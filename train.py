@@ -282,8 +282,9 @@ def rl(reference, bar):
             times["reward"] += time.time() - t
         # --- micro-batches of rows; reference log-probs once, without keeping activations
         t = time.time()
-        jobs = parallel.lockstep([(p, list(range(s, min(s + args.micro_batch, len(p["rs"])))))
-                                  for p in parts for s in range(0, len(p["rs"]), args.micro_batch)], args.fsdp, ddp)
+        by_length = [(p, p["ro"].completion_mask.sum(1).argsort().tolist()) for p in parts]   # less padding
+        jobs = parallel.lockstep([(p, order[s:s + args.micro_batch]) for p, order in by_length
+                                  for s in range(0, len(order), args.micro_batch)], args.fsdp, ddp)
         with torch.no_grad(), amp:
             ref = [M.completion_logprobs(reference, *p["ro"].rows(rows)[:2], args.temperature, suppress_ids)
                    if args.beta else None for (p, rows), _ in jobs]

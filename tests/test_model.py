@@ -74,7 +74,8 @@ def test_scoring_is_batch_invariant(tiny):
                  for k, v in prompt.items()}
         with torch.no_grad():
             lp = M.completion_logprobs(tiny[0], alone, ids, 1.3, ro.suppress_ids)
-        assert torch.allclose(lp * mask, full[row:row + 1] * mask, atol=1e-5)
+        assert torch.allclose(lp * mask, full[row:row + 1, :mask.shape[1]] * mask, atol=1e-5)
+        assert mask.shape[1] == int(ro.completion_mask[row].sum())        # cut to the row's own length
 
 
 def test_greedy_decoding_matches_transformers_generate(tiny):
