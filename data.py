@@ -12,6 +12,9 @@ per reason with its first line numbers; no usable record → ValueError):
 - `load_sft_data`: Mulberry / LLaMA-Factory `messages` + `images` records for the warm-up SFT
   (METHOD.md §1), or RL records with the solution as the response.
 Images are kept as paths (checked to exist); the trainer opens them.
+
+Key steps (`key_steps_from_solution`): an offline, rule-based stand-in for the authors' GPT-4
+extraction and augmentation, for data that comes without key steps.
 """
 import hashlib
 import json
@@ -315,6 +318,67 @@ def load_sft_data(path, image_root=None, stats=None, drop_reflective=False):
     `load_rl_data`.
     """
     return _load(path, image_root, lambda rec, where: _sft_record(rec, drop_reflective), stats)
+
+
+# ---------------------------------------------------------------------------- key steps from a reference path
+_MATH_RUN = re.compile(r"(?:\\[a-zA-Z]+|\\%|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\b[A-Z]{1,3}\b|\b[a-z]\b"
+                       r"|[-+*/^()=×÷·√{}%°<>≤≥ \t])+")
+_QUANTITY = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s+([A-Za-z]{2,})\b")
+_STOP = set("and or is are was the to of in by from with times plus minus divided equals then so "
+            "which we that for on at as each per more less than".split())
+_TERMS = re.compile(r"\b(?:pythagorean theorem|right triangle|isosceles|equilateral|parallel|perpendicular|"
+                    r"similar triangles|congruent|midpoint|diameter|radius|circumference|inscribed angle|"
+                    r"central angle|supplementary|complementary|vertical angles|corresponding angles|perimeter|"
+                    r"area|volume|average|median|highest|lowest|maximum|minimum|increase|decrease|sum)\b", re.I)
+_WORDS = {"=": "equals", "/": "divided by", "×": "times", "*": "times", "+": "plus"}
+
+
+def _augment(step):
+    """Equivalent surface forms of one key step, the original first."""
+    plain = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"\1/\2", step)   # LaTeX -> plain
+    plain = re.sub(r"\\(?:times|cdot)", "×", re.sub(r"\\(?:left|right)|\$|\\(?=%)", "", plain))
+    plain = re.sub(r"\s+", " ", plain).strip()
+    alts = [step, plain, re.sub(r"\s*([=+*/×÷])\s*", r"\1", plain)]
+    alts.append(re.sub(r"(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])", r"\\frac{\1}{\2}", plain))
+    sides = [s.strip() for s in plain.split("=")]
+    if len(sides) > 1 and all(sides):   # y = x; a chain a = b = c also gives a = c and b = c
+        alts += [f"{sides[1]} = {sides[0]}"] if len(sides) == 2 else [
+            f"{sides[0]} = {sides[-1]}", f"{sides[-2]} = {sides[-1]}"]
+    alts.append(re.sub(r"\s*([=/×*+])\s*", lambda m: f" {_WORDS[m.group(1)]} ", plain))
+    m = re.fullmatch(r"(\d+) ([A-Za-z]+)", plain)
+    if m and int(m.group(1)) < len(rewards.NUM_WORDS):
+        alts.append(f"{rewards.NUM_WORDS[int(m.group(1))]} {m.group(2)}")
+    return list(dict.fromkeys(a for a in alts if a))
+
+
+def key_steps_from_solution(reference_reasoning):
+    """Rule-based, deterministic key steps of a reference path: {"Steps": [[alt, ...], ...]}.
+
+    From the '### Step N:' bodies (the whole text if there are none), in order of appearance:
+    equations, numbers with the word they count ("3 red"), remaining bare numbers, and short
+    (<= 3 words) key phrases: geometry/chart terms, quoted or bold text. Each is augmented into
+    equivalent forms. A group is kept only if match_key_steps finds it in the path itself.
+    """
+    text = rewards.step_text(reference_reasoning) or reference_reasoning
+    found = []
+    for run in _MATH_RUN.findall(text):
+        eq = re.sub(r"(?:\\[a-zA-Z]+|[\s{(=+\-*/^×÷·,])+$", "", run)
+        eq = re.sub(r"^[\s)}=+*/^×÷·,]+", "", eq)
+        balanced = eq.count("{") == eq.count("}") and eq.count("(") == eq.count(")")
+        if "=" in eq and re.search(r"\d", eq) and balanced:
+            found.append(eq)
+    found += [f"{n} {w}" for n, w in _QUANTITY.findall(text) if w.lower() not in _STOP]
+    covered = " ".join(found)
+    found += [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])", text)
+              if not re.search(rf"(?<![\d.]){re.escape(n)}(?!\.?\d)", covered)]
+    found += [m.lower() for m in _TERMS.findall(text)]
+    found += [q.strip() for pair in re.findall(r"\*\*([^*\n]{1,40})\*\*|[\"“]([^\"”\n]{1,40})[\"”]", text)
+              for q in pair if q and len(q.split()) <= 3]
+    first = {}   # one group per normalised form, in order of appearance
+    for step in found:
+        first.setdefault(rewards.normalise(step), step)
+    source = "### Step 1:\n" + text
+    return {"Steps": [_augment(s) for s in first.values() if rewards.match_key_steps(source, [s])[0] == 1.0]}
 
 
 # ---------------------------------------------------------------------------- order of reading

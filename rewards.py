@@ -58,7 +58,8 @@ def _sections(text):
              (m.group(3) + text[m.end():end]).strip()) for m, end in zip(heads, ends)]
 
 
-def _step_text(text):
+def step_text(text):
+    """The bodies of the '### Step N:' sections, joined: where key steps are searched."""
     return "\n".join(body for kind, _, body in _sections(text) if kind == "step")
 
 
@@ -198,10 +199,10 @@ def is_correct(prediction, ground_truth):
 
 
 # ---------------------------------------------------------------------------- key steps
-_NUM_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+NUM_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 _TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]")
 _MATCH_SUBS = [(re.compile(p), r) for p, r in [
-    (r"\b(?:" + "|".join(_NUM_WORDS) + r")\b", lambda m: str(_NUM_WORDS.index(m.group()))),
+    (r"\b(?:" + "|".join(NUM_WORDS) + r")\b", lambda m: str(NUM_WORDS.index(m.group()))),
     (r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", lambda m: "/".join(
         a if re.fullmatch(r"[\w.]+", a.strip()) else f"({a})" for a in m.groups())),
     (r"\\(?:text|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1"),
@@ -216,7 +217,7 @@ _MATCH_SUBS = [(re.compile(p), r) for p, r in [
 ]]
 
 
-def _norm_match(s):
+def normalise(s):
     """Shared surface form of reasoning and key steps: \\frac{12}{2} ~ 12/2, \\times ~ * ~ x."""
     s = s.lower()
     for pattern, repl in _MATCH_SUBS:
@@ -291,11 +292,11 @@ def match_key_steps(reasoning, key_steps):
     numbers can still hit bare-number key steps (as in the official code); that gain is <= α.
     """
     groups = [] if key_steps is None else validate_key_steps(key_steps)
-    steps = _step_text(reasoning) if isinstance(reasoning, str) else ""
+    steps = step_text(reasoning) if isinstance(reasoning, str) else ""
     if not groups or not steps or len(steps) > MAX_STEP_CHARS:
         return 0.0, [None] * len(groups)
-    text = _norm_match(steps)
-    matched = [next((a for a in alts if _found(_norm_match(a).rstrip("."), text)), None) for alts in groups]
+    text = normalise(steps)
+    matched = [next((a for a in alts if _found(normalise(a).rstrip("."), text)), None) for alts in groups]
     return sum(m is not None for m in matched) / len(groups), matched
 
 
@@ -354,64 +355,3 @@ def reward(completion, sample, kind="step", alpha=ALPHA, official=False):
     total = {"step": rar + rvr, "outcome": float(correct), "steprar": rar, "steprvr": rvr}[kind]
     return {"total": total, "step_rar": rar, "step_rvr": rvr, "correct": correct,
             "answer": answer, "k": k, "matched": matched}
-
-
-# ---------------------------------------------------------------------------- offline key steps
-_MATH_RUN = re.compile(r"(?:\\[a-zA-Z]+|\\%|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\b[A-Z]{1,3}\b|\b[a-z]\b"
-                       r"|[-+*/^()=×÷·√{}%°<>≤≥ \t])+")
-_QUANTITY = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s+([A-Za-z]{2,})\b")
-_STOP = set("and or is are was the to of in by from with times plus minus divided equals then so "
-            "which we that for on at as each per more less than".split())
-_TERMS = re.compile(r"\b(?:pythagorean theorem|right triangle|isosceles|equilateral|parallel|perpendicular|"
-                    r"similar triangles|congruent|midpoint|diameter|radius|circumference|inscribed angle|"
-                    r"central angle|supplementary|complementary|vertical angles|corresponding angles|perimeter|"
-                    r"area|volume|average|median|highest|lowest|maximum|minimum|increase|decrease|sum)\b", re.I)
-_WORDS = {"=": "equals", "/": "divided by", "×": "times", "*": "times", "+": "plus"}
-
-
-def _augment(step):
-    """Equivalent surface forms of one key step, the original first."""
-    plain = re.sub(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"\1/\2", step)   # LaTeX -> plain
-    plain = re.sub(r"\\(?:times|cdot)", "×", re.sub(r"\\(?:left|right)|\$|\\(?=%)", "", plain))
-    plain = re.sub(r"\s+", " ", plain).strip()
-    alts = [step, plain, re.sub(r"\s*([=+*/×÷])\s*", r"\1", plain)]
-    alts.append(re.sub(r"(?<![\w.])(\d+)\s*/\s*(\d+)(?![\w.])", r"\\frac{\1}{\2}", plain))
-    sides = [s.strip() for s in plain.split("=")]
-    if len(sides) > 1 and all(sides):   # y = x; a chain a = b = c also gives a = c and b = c
-        alts += [f"{sides[1]} = {sides[0]}"] if len(sides) == 2 else [
-            f"{sides[0]} = {sides[-1]}", f"{sides[-2]} = {sides[-1]}"]
-    alts.append(re.sub(r"\s*([=/×*+])\s*", lambda m: f" {_WORDS[m.group(1)]} ", plain))
-    m = re.fullmatch(r"(\d+) ([A-Za-z]+)", plain)
-    if m and int(m.group(1)) < len(_NUM_WORDS):
-        alts.append(f"{_NUM_WORDS[int(m.group(1))]} {m.group(2)}")
-    return list(dict.fromkeys(a for a in alts if a))
-
-
-def key_steps_from_solution(reference_reasoning):
-    """Rule-based, deterministic key steps of a reference path: {"Steps": [[alt, ...], ...]}.
-
-    From the '### Step N:' bodies (the whole text if there are none), in order of appearance:
-    equations, numbers with the word they count ("3 red"), remaining bare numbers, and short
-    (<= 3 words) key phrases: geometry/chart terms, quoted or bold text. Each is augmented into
-    equivalent forms. A group is kept only if match_key_steps finds it in the path itself.
-    """
-    text = _step_text(reference_reasoning) or reference_reasoning
-    found = []
-    for run in _MATH_RUN.findall(text):
-        eq = re.sub(r"(?:\\[a-zA-Z]+|[\s{(=+\-*/^×÷·,])+$", "", run)
-        eq = re.sub(r"^[\s)}=+*/^×÷·,]+", "", eq)
-        balanced = eq.count("{") == eq.count("}") and eq.count("(") == eq.count(")")
-        if "=" in eq and re.search(r"\d", eq) and balanced:
-            found.append(eq)
-    found += [f"{n} {w}" for n, w in _QUANTITY.findall(text) if w.lower() not in _STOP]
-    covered = " ".join(found)
-    found += [n for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w])", text)
-              if not re.search(rf"(?<![\d.]){re.escape(n)}(?!\.?\d)", covered)]
-    found += [m.lower() for m in _TERMS.findall(text)]
-    found += [q.strip() for pair in re.findall(r"\*\*([^*\n]{1,40})\*\*|[\"“]([^\"”\n]{1,40})[\"”]", text)
-              for q in pair if q and len(q.split()) <= 3]
-    first = {}   # one group per normalised form, in order of appearance
-    for step in found:
-        first.setdefault(_norm_match(step), step)
-    source = "### Step 1:\n" + text
-    return {"Steps": [_augment(s) for s in first.values() if match_key_steps(source, [s])[0] == 1.0]}

@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, key_steps_from_solution,
-                     match_key_steps, reward, step_rar, step_rvr, validate_key_steps)
+from data import key_steps_from_solution
+from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, reward, step_rar, step_rvr,
+                     validate_key_steps)
 
 DESC = "### Image Description:\nA basket with 3 red apples and 5 green apples."
 RAT = "### Rationales:\nCount the apples of each colour, then add them."
