@@ -17,7 +17,7 @@ What one RL step does, and the choices made (METHOD.md §6):
 Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run
 under bf16 autocast.
 """
-import argparse, json, math, os, random, time
+import argparse, json, math, os, random, time, types
 
 import torch
 import torch.distributed as dist
@@ -103,12 +103,7 @@ else:
 skipped = {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0}
 
 
-class NoLog:  # stands in for wandb when it is off
-    def log(self, *a, **k): pass
-    def finish(self): pass
-
-
-run = NoLog()
+run = types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)   # stands in for wandb when off
 if args.wandb and master:
     import wandb
     run = wandb.init(project=args.wandb, config=config)
