@@ -1,11 +1,10 @@
 """eval_benchmarks.py: read the R1-VL benchmarks into records, and judge one answer by rule.
 
-Formats, detected from the file (a folder is searched for the benchmark's files): VLMEvalKit TSV
-(base64 images; an image cell of at most 64 characters is the `index` of the row whose image it
-reuses; a "[...]" cell holds several images), Hugging Face parquet (image structs; pyarrow is
-imported only for these), and the official JSON / JSONL / MME txt lists with an image folder.
-Record: {"id", "images" (sources, decoded only when a model runs), "question", "answer", ...}.
-Ids per benchmark and format: the table in evaluate.py.
+Formats, detected from the file (a folder is searched for the benchmark's files): VLMEvalKit TSV (base64
+images; an image cell of at most 64 characters is the `index` of the row whose image it reuses; a "[...]"
+cell holds several images), Hugging Face parquet (image structs; pyarrow is imported only for these), and
+the official JSON / JSONL / MME txt lists with an image folder. Record: {"id" (per benchmark and format: the
+table in evaluate.py), "images" (sources, decoded only when a model runs), "question", "answer", ...}.
 """
 import ast
 import csv
@@ -13,6 +12,7 @@ import json
 import math
 import re
 import sys
+from contextlib import suppress
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -27,10 +27,10 @@ FILES = {"mathvista": ["testmini.json", "*.tsv", "testmini*.parquet"], "mmstar":
          "dynamath": ["trial*/dataset.json", "dataset.json", "*.tsv", "*variant*.parquet"],
          "hallusionbench": ["HallusionBench.json", "*.tsv", "image-*.parquet"],
          "mathverse": ["testmini.json", "*.tsv", "testmini*.parquet"], "mme": ["*.txt", "*.tsv", "*.parquet"]}
+NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"   # as written in answers: -1,234.5 or .5
 
 
 # ----------------------------------------------------------------------------- reading files
-
 def find_files(bench, path):
     """The data files of `path`: itself if a file, else the files of FILES[bench] found below it."""
     path = Path(path)
@@ -39,8 +39,7 @@ def find_files(bench, path):
     if not path.is_dir():
         raise FileNotFoundError(f"--data {path} does not exist")
     for pattern in FILES[bench]:
-        found = sorted(p for p in path.rglob(pattern) if p.name.lower() != "readme.txt")
-        if found:
+        if found := sorted(p for p in path.rglob(pattern) if p.name.lower() != "readme.txt"):
             return found
     raise FileNotFoundError(f"no {bench} data under {path}: expected one of {FILES[bench]}, or pass the file")
 
@@ -87,19 +86,17 @@ def image_sources(fmt, rows, file, image_root):
 
     def locate(row, rels):
         rels = [r.removeprefix("./") for r in ([rels] if isinstance(rels, str) else rels) if r]
-        found = [root / sub / rel for root in roots for rel in rels for sub in ("", "images", "hallusion_bench")
-                 if (root / sub / rel).is_file()]
-        missing = f"image {rels[0] if rels else '?'} not found under {', '.join(map(str, roots))}"
-        return found[:1] or [("error", missing)]
+        missing = ("error", f"image {rels[0] if rels else '?'} not found under {', '.join(map(str, roots))}")
+        return [next((p for root in roots for rel in rels for sub in ("", "images", "hallusion_bench")
+                      if (p := root / sub / rel).is_file()), missing)]
     return locate
 
 
 def _literal(v):
     """A list stored as a Python literal string in TSVs ("['a', 'b']"), else the value itself."""
-    try:
+    with suppress(ValueError, SyntaxError):
         return ast.literal_eval(v) if isinstance(v, str) and v.strip().startswith("[") else v
-    except (ValueError, SyntaxError):
-        return v
+    return v
 
 
 def _empty(v):
@@ -108,7 +105,6 @@ def _empty(v):
 
 # ----------------------------------------------------------------------------- records per benchmark
 # Each converter: (row, format, file, row number, image getter) -> record, or None to leave the row out.
-
 def _mathvista(row, fmt, file, i, img):
     choices = _literal(row.get("choices"))
     choices = None if _empty(choices) or not choices else list(choices)
@@ -150,8 +146,7 @@ def _chartqa(row, fmt, file, i, img):
 
 
 def _dynamath(row, fmt, file, i, img):
-    variant = re.findall(r"(?:trial|variant)_?(\d+)", str(file))
-    variant = row.get("varid") or (variant[-1] if variant else "0")
+    variant = row.get("varid") or (re.findall(r"(?:trial|variant)_?(\d+)", str(file)) or ["0"])[-1]
     qid = str(row.get("qid") or row.get("id") or row["_key"])
     return dict(id=str(row["index"]) if fmt == "tsv" else f"{qid}/{variant}", images=img(row, row.get("image")),
                 question=row["question"], answer=str(row.get("answer", row.get("ground_truth"))),
@@ -199,12 +194,11 @@ CONVERT = {"mathvista": _mathvista, "mmstar": _mmstar, "mathvision": _mathvision
 
 def load(bench, path, image_root=None):
     """All records of `bench` under `path`; raises on missing files, malformed rows or duplicate ids."""
-    records, seen = [], set()
+    records = {}                                            # id -> record, in file order
     for file in find_files(bench, path):
         fmt, rows = file.suffix.lower().lstrip("."), read_rows(file)
-        queries = file.parent / "query.json"               # MathVista's built prompts, beside testmini.json
-        if bench == "mathvista" and fmt == "json" and queries.is_file():
-            queries = json.loads(queries.read_text(encoding="utf-8"))
+        if bench == "mathvista" and fmt == "json" and (q := file.parent / "query.json").is_file():
+            queries = json.loads(q.read_text(encoding="utf-8"))     # MathVista's built prompts, beside testmini.json
             rows = [dict(r, query=queries.get(str(r["pid"]))) for r in rows]
         img = image_sources(fmt, rows, file, image_root)
         for i, row in enumerate(rows):
@@ -212,24 +206,18 @@ def load(bench, path, image_root=None):
                 rec = CONVERT[bench](row, fmt, file, i, img)
             except (KeyError, TypeError, ValueError, SyntaxError) as e:
                 raise ValueError(f"{file}, row {i + 1}: not a {bench} record ({type(e).__name__}: {e})") from e
-            if rec is not None and rec["id"] in seen:
+            if rec is not None and rec["id"] in records:
                 raise ValueError(f"{file}, row {i + 1}: duplicate id {rec['id']!r}")
             if rec is not None:
-                seen.add(rec["id"])
-                records.append(rec)
-    return records
+                records[rec["id"]] = rec
+    return list(records.values())
 
 
 # ----------------------------------------------------------------------------- answer rules
-
-NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-
-
 def to_float(s):
-    try:
+    with suppress(ValueError):
         return float(str(s).strip().replace(",", ""))
-    except ValueError:
-        return None
+    return None
 
 
 def option_letter(text, letters="ABCD", options=()):
@@ -243,9 +231,8 @@ def option_letter(text, letters="ABCD", options=()):
 
 def yes_no(text):
     """VLMEvalKit's rule: 'yes' if the words contain yes and not no, 'no' the other way, else None."""
-    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    yes, no = "yes" in words, "no" in words
-    return "yes" if yes and not no else "no" if no and not yes else None
+    found = {"yes", "no"}.intersection(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    return found.pop() if len(found) == 1 else None
 
 
 def mme_label(text):
@@ -258,10 +245,9 @@ def relaxed_correct(pred, target):
     """ChartQA relaxed accuracy: within 5 % of a non-zero numeric target ('%' divides by 100), else exact text."""
     def num(s):
         s = s.strip()
-        try:
+        with suppress(ValueError):
             return float(s[:-1]) / 100 if s.endswith("%") else float(s)
-        except ValueError:
-            return None
+        return None
     p, t = num(pred), num(target)
     return abs(p - t) / abs(t) <= 0.05 if p is not None and t else pred.strip().lower() == target.strip().lower()
 
@@ -291,29 +277,25 @@ def mathvista_extract(text, rec):
     return r
 
 
-def mathvista_normalize(extraction, rec):
-    """The official normalisation (calculate_score.py): letter or nearest choice text; int; rounded float; list.
-    Integers are truncated exactly (Decimal; float("0.999…9") is 1): so were the published scores files."""
+def score_mathvista(rec, answer, extracted=False):
+    """Our extraction of `answer` (or, if `extracted`, `answer` itself: an official GPT-4 extraction) after the
+    official normalisation (calculate_score.py), against the gold: letter or nearest choice text; int; rounded
+    float; list. Integers are truncated exactly (Decimal; float("0.999…9") is 1): so were the published scores."""
+    ext = answer if extracted else mathvista_extract(answer, rec)
     if rec["qtype"] == "multi_choice":
-        ext, choices = str(extraction).strip(), rec["choices"]
+        ext, choices = str(ext).strip(), rec["choices"]
         letter = re.findall(r"\(([a-zA-Z])\)", ext)
         ext = letter[0].upper() if letter else ext
-        return choices[LETTERS.index(ext)] if ext in LETTERS[:len(choices)] else \
-            min(choices, key=lambda c: Levenshtein.distance(ext, c))
-    try:
+        return (choices[LETTERS.index(ext)] if ext in LETTERS[:len(choices)]
+                else min(choices, key=lambda c: Levenshtein.distance(ext, c))) == rec["answer"]
+    with suppress(ValueError, TypeError, ArithmeticError):      # not a number: wrong
         if rec["atype"] == "integer":
-            return str(int(Decimal(str(extraction).strip())))
-        return str(round(float(extraction), rec["precision"])) if rec["atype"] == "float" else str(extraction)
-    except (ValueError, TypeError, ArithmeticError):
-        return None
+            return str(int(Decimal(str(ext).strip()))) == rec["answer"]
+        return (str(round(float(ext), rec["precision"])) if rec["atype"] == "float" else str(ext)) == rec["answer"]
+    return False
 
 
-def score_mathvista(rec, answer, extracted=False):
-    """`extracted`: the answer is already an official (GPT-4) extraction, so it is only normalised."""
-    return mathvista_normalize(answer if extracted else mathvista_extract(answer, rec), rec) == rec["answer"]
-
-
-# MATH-V: the official rule scorer (evaluation/evaluate.py, utils.py), reimplemented.
+# MATH-V: the official rule scorer (evaluation/evaluate.py, utils.py), reimplemented; used by evaluate.score_mathvision.
 MATHV_FLAGS = ("the final answer is", "the answer is", "the correct answer is", "the answer should be")
 MATHV_CLEAN = [(" ", ""), ("\\,", ""), ("∞", "\\infty"), ("+\\infty", "\\infty"), ("\\\\", "\\"), ("\n", ""),
                ("\\text", ""), ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""),
@@ -339,8 +321,8 @@ def mathvision_extract(response):
     s = a.lower().replace("{}", "")
     s = (re.findall(r"oxed{(.*)}", s, flags=re.S) or [s])[-1]
     s = s.split("}")[0] if "}" in s and ("{" not in s or s.find("}") < s.find("{")) else s
+    s = s.split("=")[-1].split("\\approx")[-1]
     for old, new in MATHV_CLEAN:
-        s = s.split("=")[-1].split("\\approx")[-1] if old == " " else s
         s = s.replace(old, new)
     s = s.split("\\text{ ")[0].replace("\\%", "").replace("{.", "{0.")
     s = "0" + s if s[:1] == "." else s
@@ -363,12 +345,10 @@ def _value(s):
     if f is None and s.isalpha():
         return {"e": 2.72, "pi": 3.14}.get(s)
     if f is None and not any(t in s for t in ("\\circ", "°", "π", "\\!", "\\$")):
-        try:
+        with suppress(Exception):            # any parse or evaluation failure means "not a number", as officially
             from latex2sympy2_extended import latex2sympy
             f = complex(latex2sympy(s).evalf())
             f = None if f.imag else f.real
-        except Exception:                    # any parse or evaluation failure means "not a number", as officially
-            f = None
     return None if f is None or math.isnan(f) or math.isinf(f) else round(f, 2)
 
 
@@ -382,20 +362,8 @@ def mathvision_equal(a, b):
     a, b = a.lower(), b.lower()
     if not a.replace(" ", "") or not b.replace(" ", ""):
         return False
-    if a.strip() == b.strip() or tup(a) == tup(b):
-        return True
-    va = _value(a)                           # prediction first: most are no number, so the gold is never parsed
-    return va is not None and va == _value(b)
-
-
-def score_mathvision(rec, answer):
-    """The official rule, after one addition: for multiple choice, R1-VL's answer style 'B: 8' is its letter."""
-    m = re.match(r"([A-E]):\s", answer.strip()) if rec["options"] else None
-    if m:
-        return m.group(1) == rec["answer"]
-    pred = mathvision_extract(answer)
-    gold_text = rec["options"][LETTERS.index(rec["answer"])] if rec["options"] else ""
-    return mathvision_equal(pred, rec["answer"]) or mathvision_equal(pred, gold_text)
+    # the prediction's value first: most are no number, so the gold is never parsed
+    return a.strip() == b.strip() or tup(a) == tup(b) or (_value(a) is not None and _value(a) == _value(b))
 
 
 def score_dynamath(rec, answer):
@@ -403,10 +371,8 @@ def score_dynamath(rec, answer):
     first token (× π if it holds π) within 0.001 (our fallback for prose: the last number); multiple
     choice: the letter, or the gold letter in the first 3 characters; text: the gold string inside."""
     text, gold = answer.strip(), rec["answer"]
-    try:
+    with suppress(ValueError, KeyError, TypeError):
         text = str(json.loads(text[text.find("{"):text.rfind("}") + 1].replace("\\", ""), strict=False)["short answer"])
-    except (ValueError, KeyError, TypeError):
-        pass
     if rec["atype"] == "multiple choice":
         return text == gold if len(text) == 1 else gold in text[:3]
     if to_float(gold) is None or rec["atype"] == "text":
@@ -429,10 +395,3 @@ def score_mathverse(rec, answer):
         return option_letter(answer, "ABCDEF") == rec["answer"][:1]
     import rewards
     return rewards.is_correct(answer, rec["answer"])
-
-
-SCORE = {"mathvista": score_mathvista, "mathvision": score_mathvision, "dynamath": score_dynamath,
-         "hallusionbench": score_hallusionbench, "mathverse": score_mathverse,
-         "mmstar": lambda rec, answer: option_letter(answer, "ABCD", rec["options"]) == rec["answer"],
-         "chartqa": lambda rec, answer: any(relaxed_correct(answer, str(t)) for t in rec["answer"]),
-         "mme": lambda rec, answer: mme_label(answer) == rec["answer"]}

@@ -10,7 +10,7 @@ Generation is greedy and batched through rollout.generate. Every prediction is a
 ({"id", "prediction"} per line, the same format --predictions reads) as soon as its batch is done,
 and a re-run with the same --out generates only what is missing. The last line printed is a JSON
 summary (headline number, breakdowns, counts of everything skipped); it is also written to
-<out stem>.summary.json. Loaders and scorers: eval_benchmarks.py.
+<out stem>.summary.json. Loaders and answer rules: eval_benchmarks.py (SCORE picks one per benchmark).
 
 Record ids, the "id" of a predictions line (a data file's own identifiers):
 | bench | official files | VLMEvalKit TSV | HF parquet |
@@ -54,6 +54,7 @@ import binascii
 import io
 import json
 import logging
+import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -71,7 +72,6 @@ HEADLINE = {"mathvista": "accuracy", "mmstar": "accuracy", "mathvision": "accura
 
 
 # ----------------------------------------------------------------------------- aggregation
-
 def pct(correct, total):
     return round(100.0 * correct / total, 2) if total else 0.0
 
@@ -143,7 +143,6 @@ def metrics(bench, recs, flags, valid=()):
 
 
 # ----------------------------------------------------------------------------- predictions
-
 def read_predictions(path, counts, known=None):
     """{id: raw text} from a jsonl file; malformed lines and unknown ids are counted and logged."""
     preds = {}
@@ -259,6 +258,24 @@ def generate(recs, preds, args, out_path, counts):
         log.info("%d / %d generated", min(start + args.batch_size, len(todo)), len(todo))
 
 
+def score_mathvision(rec, answer):
+    """MATH-V's official rule: the extracted answer equals the gold letter or its option text (eb.mathvision_extract,
+    eb.mathvision_equal). One addition: for multiple choice, R1-VL's answer style 'B: 8' is its letter."""
+    if rec["options"] and (m := re.match(r"([A-E]):\s", answer.strip())):
+        return m.group(1) == rec["answer"]
+    pred = eb.mathvision_extract(answer)
+    gold_text = rec["options"][eb.LETTERS.index(rec["answer"])] if rec["options"] else ""
+    return eb.mathvision_equal(pred, rec["answer"]) or eb.mathvision_equal(pred, gold_text)
+
+
+# The rule that judges one answer, per benchmark (toy: rewards.is_correct, in score()).
+SCORE = {"mathvista": eb.score_mathvista, "mathvision": score_mathvision, "dynamath": eb.score_dynamath,
+         "hallusionbench": eb.score_hallusionbench, "mathverse": eb.score_mathverse,
+         "mmstar": lambda rec, answer: eb.option_letter(answer, "ABCD", rec["options"]) == rec["answer"],
+         "chartqa": lambda rec, answer: any(eb.relaxed_correct(answer, str(t)) for t in rec["answer"]),
+         "mme": lambda rec, answer: eb.mme_label(answer) == rec["answer"]}
+
+
 def score(bench, recs, preds, prompt, counts):
     """Correct or not, per record (no or an empty prediction is wrong); toy also gives format validity."""
     flags, valid = [], []
@@ -271,12 +288,11 @@ def score(bench, recs, preds, prompt, counts):
             valid.append(rewards.step_rvr(text) if answer is not None else 0.0)
             flags.append(answer is not None and bool(rewards.is_correct(answer, r["answer"])))
         else:
-            flags.append(answer is not None and bool(eb.SCORE[bench](r, answer)))
+            flags.append(answer is not None and bool(SCORE[bench](r, answer)))
     return flags, valid
 
 
 # ----------------------------------------------------------------------------- CLI
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", required=True, choices=BENCHES, help="benchmark")
