@@ -34,8 +34,8 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 
 # The embedded preset: a real Qwen2-VL architecture, small enough to train on a laptop CPU.
 # Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.
-TINY = dict(vocab_size=1024, text_layers=4, hidden=128, heads=4, kv_heads=2, mlp=512,
-            vision_depth=2, vision_dim=64, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
+TINY = dict(vocab_size=1024, text_layers=4, hidden=192, heads=6, kv_heads=3, mlp=384,
+            vision_depth=6, vision_dim=128, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
             vision_mlp_ratio=2, rope_theta=10000.0, model_vocab=None)   # model_vocab None: the tokenizer's size
 
 
@@ -45,8 +45,9 @@ def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pix
     """Return (model, tokenizer, image_processor) for a hub id, a local directory or "tiny".
 
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
-    when it is installed and a GPU is present. One pixel range is set on the image processor and
-    used everywhere (rollout, scoring, evaluation), so the number of image tokens never differs.
+    when it is installed, a GPU is present and the weights are half precision. One pixel range is
+    set on the image processor and used everywhere (rollout, scoring, evaluation), so the number of
+    image tokens never differs: the paper's [MIN_PIXELS, MAX_PIXELS] unless given (TINY's for "tiny").
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
@@ -132,12 +133,19 @@ def tiny_tokenizer(vocab_size=1024):
     words = ("the a of and to is in are how many which what more than fewer most least each total sum "
              "difference cells cell row column grid colour color red green blue yellow white black count "
              "counts there image shows question answer compare number numbers equal plus minus times "
-             "so then first second third last step steps option options because need we")
+             "so then first second third last step steps option options because need we add subtract "
+             "double twice largest find not has")
+    colours = "red green blue yellow white black".split()
+    # Line-start and capitalised forms too (byte-level BPE never merges across a space or newline), so
+    # "Row", "Count", "How" and a colour opening a line are one token each, as in the toy task's text.
+    lines = ["\n".join("How Which What Are Count Counting Row Choices system user assistant".split()),
+             " ".join(f"Row {r}: {a}, {b}, {c}." for r in range(1, 4) for a, b, c in zip(colours, colours[1:], colours[2:])),
+             "\n".join(f"{c} = {n}" for c in colours for n in range(10))]
     corpus = [R1VL_INSTRUCTION.format(question=words), PLAIN_INSTRUCTION.format(question=words), SYSTEM, words,
               "### Image Description:\n### Rationales:\n### Let's think step by step.\n"
               "### The final answer is: ", " ".join(f"### Step {i}:" for i in range(1, 10)),
               " ".join(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} x {b} = {a * b}."
-                       for a in range(13) for b in range(13)), "A B C D E (A) (B) (C) (D) Yes No yes no"]
+                       for a in range(13) for b in range(13)), "A B C D E (A) (B) (C) (D) Yes No yes no", *lines]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
