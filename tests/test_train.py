@@ -93,10 +93,11 @@ def test_rl_raises_a_trivially_learnable_reward(tiny):
     policy, tok, ip = copy.deepcopy(tiny[0]), tiny[1], tiny[2]
     from PIL import Image
     images, questions = [Image.new("RGB", (56, 56), c) for c in ("red", "blue")], ["q1", "q2"]
-    target = tok.convert_tokens_to_ids("Ġred")                      # reward: how often a token is sampled
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    means = []
+    first = R.generate(policy, tok, ip, images, questions, num_samples=8, max_new_tokens=8)
+    target = int(torch.bincount(first.completion_ids[first.completion_mask.bool()]).argmax())
+    means = []                                      # reward: how often that (already seen) token is sampled
     for _ in range(15):
         ro = R.generate(policy, tok, ip, images, questions, num_samples=8, max_new_tokens=8)
         r = ((ro.completion_ids == target) & ro.completion_mask.bool()).float().sum(1)
