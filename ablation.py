@@ -1,7 +1,7 @@
 """ablation.py: the reward ablation of R1-VL (Table 2, Figure 3) replayed on the toy task.
 
-    python ablation.py                                   # warm-up once, then 5 arms x 3 seeds (about 50 min, 2 CPU cores)
-    python ablation.py --warmup out/seed0/warmup --steps 100 --seeds 0 1 --out_dir out/ablation
+    python ablation.py                                   # warm-up once, then 5 arms x 3 seeds, 2 runs at a time
+    python ablation.py --warmup out/warmup --steps 100 --seeds 0 1 --out_dir out/ablation
 
 From one warm-up checkpoint (`train.py --stage sft`, or --warmup DIR), every arm trains for the same
 number of steps with 32 sequences per step, then is evaluated greedily on one held-out set:
@@ -9,13 +9,15 @@ number of steps with 32 sequences per step, then is evaluated greedily on one he
     steprar   StepRAR only (Eq. 2)           steprvr   StepRVR only (Eq. 3)
     step      StepRAR + StepRVR (StepGRPO)   sft       continued SFT on the reference paths (control)
 RL arms run `train.py --stage rl --reward ARM` with the toy preset (8 prompts x 4 samples, lr, β);
-the SFT arm runs `train.py --stage sft --sft_steps N` (batch 32, the warm-up's lr and cosine
-schedule). Every model, the warm-up included, is scored by `evaluate.py --bench toy` on the same
+the SFT arm runs `train.py --stage sft --sft_steps N` (batch 32) at `--sft_lr`: a small rate, as
+restarting at the warm-up's peak rate (2e-3) throws away what the warm-up learnt. Every model, the warm-up included, is scored by `evaluate.py --bench toy` on the same
 held-out questions (accuracy, format validity = mean StepRVR). Finished runs are reused, so an
-interrupted ablation continues where it stopped. Writes <out_dir>/results.json, prints a markdown
+interrupted ablation continues where it stopped. `--jobs N` runs N trainings at once, each with
+cores/N threads (one core per run is faster in total than two runs fighting over both cores). Writes <out_dir>/results.json, prints a markdown
 table (mean ± std over seeds) and saves assets/ablation.png.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -30,9 +32,8 @@ LABELS = {"warmup": "warm-up only", "outcome": "+ outcome reward (GRPO)", "stepr
 
 def run(cmd, log):
     """Run a command from the repo root, its output to `log`; fail loudly with the log's tail."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     with open(log, "w") as f:
-        res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        res = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if res.returncode:
         sys.exit(f"failed ({res.returncode}): {' '.join(cmd)}\n" + "".join(open(log).readlines()[-20:]))
 
@@ -92,25 +93,32 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=150, help="RL steps, and continued-SFT steps, per run")
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument("--sft_lr", type=float, default=5e-5, help="peak lr of the continued-SFT arm")
+    p.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     p.add_argument("--eval_n", type=int, default=400, help="held-out questions (greedy)")
     p.add_argument("--max_new_tokens", type=int, default=160)
     p.add_argument("--plot", default=os.path.join(ROOT, "assets", "ablation.png"))
     args = p.parse_args()
     args.out_dir = os.path.abspath(args.out_dir)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it
     warm = os.path.abspath(args.warmup) if args.warmup else train(os.path.join(args.out_dir, "warmup"), "--stage", "sft")
     results = [dict(arm="warmup", seed=None, steps=0, **dict(zip(("accuracy", "format"), evaluate(warm, "warmup", args))))]
-    for seed in args.seeds:
-        for arm in args.arms:
-            out = os.path.join(args.out_dir, f"{arm}_seed{seed}")
-            if arm == "sft":
-                model = train(out, "--model", warm, "--stage", "sft", "--sft_steps", str(args.steps), "--seed", str(seed))
-            else:
-                model = train(out, "--model", warm, "--stage", "rl", "--reward", arm, "--max_steps", str(args.steps),
-                              "--seed", str(seed))
-            acc, fmt = evaluate(model, f"{arm}_seed{seed}", args)
-            results.append(dict(arm=arm, seed=seed, steps=args.steps, accuracy=acc, format=fmt))
-            print(f"{arm:8s} seed {seed}: accuracy {acc:.1f} %, format {fmt:.1f} %", flush=True)
-    json.dump(dict(warmup=warm, eval_n=args.eval_n, steps=args.steps, seeds=args.seeds, runs=results),
+
+    def arm_run(arm, seed):
+        out = os.path.join(args.out_dir, f"{arm}_seed{seed}")
+        if arm == "sft":
+            model = train(out, "--model", warm, "--stage", "sft", "--sft_steps", str(args.steps), "--seed", str(seed),
+                          "--sft_lr", str(args.sft_lr))
+        else:
+            model = train(out, "--model", warm, "--stage", "rl", "--reward", arm, "--max_steps", str(args.steps),
+                          "--seed", str(seed))
+        acc, fmt = evaluate(model, f"{arm}_seed{seed}", args)
+        print(f"{arm:8s} seed {seed}: accuracy {acc:.1f} %, format {fmt:.1f} %", flush=True)
+        return dict(arm=arm, seed=seed, steps=args.steps, accuracy=acc, format=fmt)
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on subprocesses
+        results += list(pool.map(lambda a_s: arm_run(*a_s), [(a, s) for s in args.seeds for a in args.arms]))
+    json.dump(dict(warmup=warm, eval_n=args.eval_n, steps=args.steps, seeds=args.seeds, sft_lr=args.sft_lr, runs=results),
               open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
 
     rows = {"warmup": [results[0]["accuracy"]], **{a: [r["accuracy"] for r in results if r["arm"] == a] for a in args.arms}}

@@ -107,3 +107,32 @@ def test_rl_raises_a_trivially_learnable_reward(tiny):
         loss, _ = policy_loss(lp, None, None, adv, ro.completion_mask, beta=0.0)
         opt.zero_grad(), loss.backward(), opt.step()
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 1.0
+
+
+def test_default_run_in_miniature(tmp_path):
+    """`python train.py` with no arguments runs warm-up then StepGRPO; here with the same code at toy size:
+    held-out accuracy after each stage, the curves, and the JSON summary as the last line."""
+    res = train(tmp_path, "--sft_steps", "6", "--sft_batch", "4", "--max_steps", "2", "--prompts_per_step", "2",
+                "--max_new_tokens", "32", "--eval_n", "4")
+    assert "held-out accuracy after warm-up" in res.stdout and "held-out accuracy after StepGRPO" in res.stdout
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"accuracy_warmup", "accuracy_rl", "reward_first", "reward_last", "seconds"} <= set(summary)
+    assert 0 <= summary["accuracy_warmup"] <= 1 and 0 <= summary["accuracy_rl"] <= 1
+    assert [len(metrics(tmp_path, s)) for s in ("sft", "rl")] == [6, 2]
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "warmup" / "config.json").exists() and (tmp_path / "final" / "config.json").exists()
+
+
+def test_ablation_runs_every_arm_from_one_warmup(warm, tmp_path):
+    """ablation.py end to end at one step per arm: every arm trains from the given warm-up, is scored
+    on the same held-out questions, and lands in results.json and the chart."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "ablation.py"), "--warmup", str(warm / "final"),
+                          "--steps", "1", "--seeds", "0", "--eval_n", "4", "--max_new_tokens", "32", "--jobs", "2",
+                          "--out_dir", str(tmp_path), "--plot", str(tmp_path / "ablation.png")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    runs = json.load(open(tmp_path / "results.json"))["runs"]
+    assert [r["arm"] for r in runs] == ["warmup", "outcome", "steprar", "steprvr", "step", "sft"]
+    assert all(0 <= r["accuracy"] <= 100 and 0 <= r["format"] <= 100 for r in runs)
+    assert "| + StepRAR + StepRVR (StepGRPO) |" in res.stdout and (tmp_path / "ablation.png").exists()
+    assert max(r["lr"] for r in metrics(tmp_path / "sft_seed0", "sft")) <= 5e-5   # the control's small lr
