@@ -35,7 +35,7 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 # The embedded preset: a real Qwen2-VL architecture, small enough to train on a laptop CPU.
 # Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.
 TINY = dict(vocab_size=1024, text_layers=4, hidden=192, heads=6, kv_heads=3, mlp=384,
-            vision_depth=6, vision_dim=128, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
+            vision_depth=4, vision_dim=128, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
             vision_mlp_ratio=2, rope_theta=10000.0, model_vocab=None)   # model_vocab None: the tokenizer's size
 
 
