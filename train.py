@@ -346,10 +346,15 @@ def plot_curves():
               ("rl", ["kl"]), ("rl", ["completion_len"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (stage, keys) in zip(axes, panels):
-        for k in keys:
+        for k in keys:   # faint: every step; solid: trailing mean of 10 (one RL step sees only 8 prompts)
             pts = [(r["step"], r[k]) for r in rows if r["stage"] == stage and k in r]
-            if pts:
-                ax.plot(*zip(*pts), label=k)
+            x, y = zip(*pts) if pts else ((), ())
+            if w := min(10, len(y)):
+                line, = ax.plot(x, y, lw=0.6, alpha=0.35)
+                ax.plot(x[w - 1:], [sum(y[i + 1 - w:i + 1]) / w for i in range(w - 1, len(y))], color=line.get_color(), label=k)
+        held = [(r["step"], r["accuracy"]) for r in rows if r["stage"] == "eval"]
+        if "accuracy" in keys and held:
+            ax.plot(*zip(*held), "ko-", ms=4, label="held-out, greedy")
         ax.set_title(f"{stage}: {', '.join(keys)}", fontsize=9), ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
@@ -370,6 +375,7 @@ if ran_sft:
         save_pretrained("warmup")
     if eval_set:
         summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(policy, eval_set)
+        log_jsonl("metrics.jsonl", dict(stage="eval", step=0, accuracy=summary["accuracy_warmup"]))
         if master:
             print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
 if args.stage in ("rl", "both"):
@@ -384,14 +390,15 @@ if args.stage in ("rl", "both"):
     bar.close()
     if eval_set:
         summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(policy, eval_set)
+        log_jsonl("metrics.jsonl", dict(stage="eval", step=args.max_steps, accuracy=summary["accuracy_rl"]))
         if master:
             print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
 save_pretrained("final")
 if master:
     rl_rows = [json.loads(line) for line in open(os.path.join(args.out_dir, "metrics.jsonl")) if '"stage": "rl"' in line]
     if rl_rows:
-        last = [r["reward"] for r in rl_rows[-10:]]
-        summary.update(reward_first=rl_rows[0]["reward"], reward_last=sum(last) / len(last))
+        mean = lambda rs: sum(r["reward"] for r in rs) / len(rs)
+        summary.update(reward_first=mean(rl_rows[:10]), reward_last=mean(rl_rows[-10:]))   # 10-step means
     plot_curves()
     summary.update(seconds=round(time.time() - t_start, 1), skipped=skipped, out_dir=args.out_dir)
     run.finish()
