@@ -101,6 +101,14 @@ def main():
     args = p.parse_args()
     args.out_dir = os.path.abspath(args.out_dir)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it
+    # Finished runs are reused, so they must come from the same settings: pin them to the folder.
+    setup = dict(warmup=args.warmup and os.path.abspath(args.warmup), steps=args.steps, sft_lr=args.sft_lr,
+                 eval_n=args.eval_n, max_new_tokens=args.max_new_tokens)
+    pinned = os.path.join(args.out_dir, "setup.json")
+    if os.path.exists(pinned) and json.load(open(pinned)) != setup:
+        sys.exit(f"{args.out_dir} holds runs made with {json.load(open(pinned))}, not {setup}: use another --out_dir")
+    os.makedirs(args.out_dir, exist_ok=True)
+    json.dump(setup, open(pinned, "w"))
     warm = os.path.abspath(args.warmup) if args.warmup else train(os.path.join(args.out_dir, "warmup"), "--stage", "sft")
     results = [dict(arm="warmup", seed=None, steps=0, **dict(zip(("accuracy", "format"), evaluate(warm, "warmup", args))))]
 
