@@ -10,11 +10,13 @@ number of steps with 32 sequences per step, then is evaluated greedily on one he
     step      StepRAR + StepRVR (StepGRPO)   sft       continued SFT on the reference paths (control)
 RL arms run `train.py --stage rl --reward ARM` with the toy preset (8 prompts x 4 samples, lr, β);
 the SFT arm runs `train.py --stage sft --sft_steps N` (batch 32) at `--sft_lr`: a small rate, as
-restarting at the warm-up's peak rate (2e-3) throws away what the warm-up learnt. Every model, the warm-up included, is scored by `evaluate.py --bench toy` on the same
-held-out questions (accuracy, format validity = mean StepRVR). Finished runs are reused, so an
-interrupted ablation continues where it stopped. `--jobs N` runs N trainings at once, each with
-cores/N threads (one core per run is faster in total than two runs fighting over both cores). Writes <out_dir>/results.json, prints a markdown
-table (mean ± std over seeds) and saves assets/ablation.png.
+restarting at the warm-up's peak rate (2e-3) throws away what the warm-up learnt. Every model, the
+warm-up included, is scored by `evaluate.py --bench toy` on the same held-out questions (accuracy,
+format validity = mean StepRVR). Finished runs are reused, so an interrupted ablation continues
+where it stopped; the settings are pinned to the folder, so runs made otherwise are never mixed in.
+`--jobs N` runs N trainings at once with cores/N threads each (one core per run is faster in total
+than two runs fighting over both). Writes <out_dir>/results.json, prints a markdown table (mean ±
+std over seeds) and saves assets/ablation.png.
 """
 import argparse
 import concurrent.futures
@@ -126,7 +128,7 @@ def main():
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on subprocesses
         results += list(pool.map(lambda a_s: arm_run(*a_s), [(a, s) for s in args.seeds for a in args.arms]))
-    json.dump(dict(warmup=warm, eval_n=args.eval_n, steps=args.steps, seeds=args.seeds, sft_lr=args.sft_lr, runs=results),
+    json.dump(dict(setup, warmup=warm, seeds=args.seeds, runs=results),
               open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
 
     rows = {"warmup": [results[0]["accuracy"]], **{a: [r["accuracy"] for r in results if r["arm"] == a] for a in args.arms}}

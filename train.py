@@ -134,8 +134,9 @@ def sample(net, samples, images, **kw):
                                 max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len, **kw)
 
 
-def heldout_accuracy(net, samples, batch=32):
-    """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR)."""
+def heldout_accuracy(net, samples, step, batch=32):
+    """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR),
+    also logged as an "eval" row at `step` of the RL stage (0: the warm-up)."""
     correct, valid = [], []
     mine = samples[rank::world]
     for i in range(0, math.ceil(len(samples) / world), batch):   # the same number of calls on every rank
@@ -146,6 +147,7 @@ def heldout_accuracy(net, samples, batch=32):
             correct.append(float(r["correct"])), valid.append(r["step_rvr"])
     missing = [0.0] * (len(mine) - len(correct))         # skipped samples count as wrong
     m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), device, ddp)
+    log_jsonl("metrics.jsonl", dict(stage="eval", step=step, **m))
     return m["accuracy"], m["format_valid"]
 
 
@@ -331,8 +333,7 @@ def rl(reference, bar):
         bar.update(1), bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
                                        kl=f"{record['kl']:.4f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and eval_set:
-            acc, valid = heldout_accuracy(policy, eval_set)
-            log_jsonl("metrics.jsonl", dict(stage="eval", step=step + 1, accuracy=acc, format_valid=valid))
+            heldout_accuracy(policy, eval_set, step + 1)
         end_of_step("rl", step, start, args.max_steps, optimizer, scheduler)
 
 
@@ -374,8 +375,7 @@ if ran_sft:
     if args.stage == "both":
         save_pretrained("warmup")
     if eval_set:
-        summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(policy, eval_set)
-        log_jsonl("metrics.jsonl", dict(stage="eval", step=0, accuracy=summary["accuracy_warmup"]))
+        summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(policy, eval_set, 0)
         if master:
             print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
 if args.stage in ("rl", "both"):
@@ -389,8 +389,7 @@ if args.stage in ("rl", "both"):
     rl(reference, bar)
     bar.close()
     if eval_set:
-        summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(policy, eval_set)
-        log_jsonl("metrics.jsonl", dict(stage="eval", step=args.max_steps, accuracy=summary["accuracy_rl"]))
+        summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(policy, eval_set, args.max_steps)
         if master:
             print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
 save_pretrained("final")
