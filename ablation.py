@@ -131,8 +131,8 @@ def main():
     json.dump(dict(setup, warmup=warm, seeds=args.seeds, runs=results),
               open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
 
-    rows = {"warmup": [results[0]["accuracy"]], **{a: [r["accuracy"] for r in results if r["arm"] == a] for a in args.arms}}
-    fmts = {"warmup": [results[0]["format"]], **{a: [r["format"] for r in results if r["arm"] == a] for a in args.arms}}
+    per_arm = lambda key: {name: [r[key] for r in results if r["arm"] == name] for name in ["warmup", *args.arms]}
+    rows, fmts = per_arm("accuracy"), per_arm("format")
     print(f"\nHeld-out toy accuracy, {args.eval_n} questions, greedy; {args.steps} steps per arm, seeds {args.seeds}\n")
     print("| arm | accuracy % (mean ± std) | Δ vs warm-up | format valid % | seeds |\n|---|---|---|---|---|")
     for name, accs in rows.items():
