@@ -7,7 +7,7 @@ From one warm-up checkpoint (`train.py --stage sft`, or --warmup DIR), every arm
 number of steps with 32 sequences per step, then is evaluated greedily on one held-out set:
     outcome   GRPO with answer correctness only (the paper's outcome-reward baseline)
     steprar   StepRAR only (Eq. 2)           steprvr   StepRVR only (Eq. 3)
-    step      StepRAR + StepRVR (StepGRPO)   sft       continued SFT on the reference paths (control)
+    step      StepRAR + StepRVR (StepGRPO)   sft       continued SFT on the warm-up's paths (control)
 RL arms run `train.py --stage rl --reward ARM` with the toy preset (8 prompts x 4 samples, lr, β);
 the SFT arm runs `train.py --stage sft --sft_steps N` (batch 32) at `--sft_lr`: a small rate, as
 restarting at the warm-up's peak rate (2e-3) throws away what the warm-up learnt. Every model, the
@@ -96,6 +96,7 @@ def main():
     p.add_argument("--steps", type=int, default=150, help="RL steps, and continued-SFT steps, per run")
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--sft_lr", type=float, default=5e-5, help="peak lr of the continued-SFT arm")
+    p.add_argument("--teacher_noise", type=float, default=0.0, help="the warm-up's and SFT arm's paths miscount (train.py)")
     p.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     p.add_argument("--eval_n", type=int, default=400, help="held-out questions (greedy)")
     p.add_argument("--max_new_tokens", type=int, default=160)
@@ -105,20 +106,21 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it
     # Finished runs are reused, so they must come from the same settings: pin them to the folder.
     setup = dict(warmup=args.warmup and os.path.abspath(args.warmup), steps=args.steps, sft_lr=args.sft_lr,
-                 eval_n=args.eval_n, max_new_tokens=args.max_new_tokens)
+                 eval_n=args.eval_n, max_new_tokens=args.max_new_tokens, teacher_noise=args.teacher_noise)
+    noise = ["--teacher_noise", str(args.teacher_noise)]
     pinned = os.path.join(args.out_dir, "setup.json")
     if os.path.exists(pinned) and json.load(open(pinned)) != setup:
         sys.exit(f"{args.out_dir} holds runs made with {json.load(open(pinned))}, not {setup}: use another --out_dir")
     os.makedirs(args.out_dir, exist_ok=True)
     json.dump(setup, open(pinned, "w"))
-    warm = os.path.abspath(args.warmup) if args.warmup else train(os.path.join(args.out_dir, "warmup"), "--stage", "sft")
+    warm = os.path.abspath(args.warmup) if args.warmup else train(os.path.join(args.out_dir, "warmup"), "--stage", "sft", *noise)
     results = [dict(arm="warmup", seed=None, steps=0, **dict(zip(("accuracy", "format"), evaluate(warm, "warmup", args))))]
 
     def arm_run(arm, seed):
         out = os.path.join(args.out_dir, f"{arm}_seed{seed}")
         if arm == "sft":
             model = train(out, "--model", warm, "--stage", "sft", "--sft_steps", str(args.steps), "--seed", str(seed),
-                          "--sft_lr", str(args.sft_lr))
+                          "--sft_lr", str(args.sft_lr), *noise)
         else:
             model = train(out, "--model", warm, "--stage", "rl", "--reward", arm, "--max_steps", str(args.steps),
                           "--seed", str(seed))

@@ -5,6 +5,9 @@ cell per merged visual token of Qwen2-VL (patch 14 × spatial merge 2), so even 
 tower reads every cell. The difficulty lies in the reasoning: count colours, then combine the
 counts. A completion can get the counts right and the arithmetic wrong, so the key steps (the
 counts and equations) give StepRAR's partial credit α·k a signal the final answer lacks.
+`teacher_noise` makes the warm-up paths (`teacher_solution`) those of an imperfect teacher who
+sometimes miscounts, as the MLLM-made paths R1-VL warms up on contain mistakes; rewards, key
+steps and evaluation keep the truth. Imitation learns the slips; verifiable rewards can unlearn them.
 
 Real data (every record checked; a bad one is skipped, counted, and logged as one warning line
 per reason with its first line numbers; no usable record → ValueError):
@@ -148,7 +151,7 @@ def _render(rows, cols, grid):
     return img
 
 
-def _toy_sample(rng, level, split):
+def _toy_sample(rng, level, split, teacher_rng, teacher_noise):
     rows, cols, colours, kinds = LEVELS[level]
     kind = rng.choice(kinds)
     target = str(rng.choice(ANSWERS[kind]))
@@ -163,34 +166,56 @@ def _toy_sample(rng, level, split):
         raise RuntimeError(f"no level-{level} {kind!r} grid with answer {target} in {MAX_TRIES} tries")
     problem, rationale, steps, answer = posed
     desc = " ".join(f"Row {r + 1}: {', '.join(grid[r * cols:(r + 1) * cols])}." for r in range(rows))
-    body = "\n\n".join(f"### Step {i}:\n{text}" for i, (text, _) in enumerate(steps, 1))
-    solution = (f"### Image Description:\n{desc}\n\n### Rationales:\n{rationale}\n\n"
+
+    def path(steps, answer):
+        body = "\n\n".join(f"### Step {i}:\n{text}" for i, (text, _) in enumerate(steps, 1))
+        return (f"### Image Description:\n{desc}\n\n### Rationales:\n{rationale}\n\n"
                 f"### Let's think step by step.\n\n{body}\n\n### The final answer is: {answer}")
+    solution = teacher = path(steps, answer)
+    # The imperfect teacher misses one cell of one colour it counts and carries the slip on to
+    # its answer (grids where no slip leaves a well-posed question keep the correct path).
+    if teacher_rng.random() < teacher_noise:
+        counts = [grid.count(c) for c in names]
+        slips = []
+        for j, c in enumerate(counts):
+            slip = c and _pose(kind, names, counts[:j] + [c - 1] + counts[j + 1:], len(grid))
+            slips += [slip] if slip else []
+        if slips:
+            _, _, bad_steps, bad_answer = teacher_rng.choice(slips)
+            teacher = path(bad_steps, bad_answer)
     return {"image": _render(rows, cols, grid), "problem": problem, "solution": solution,
-            "answer": str(answer), "key_steps": {"Steps": [alts for _, alts in steps]}}
+            "teacher_solution": teacher, "answer": str(answer),
+            "key_steps": {"Steps": [alts for _, alts in steps]}}
 
 
-def toy_dataset(split="train", n=1000, seed=0, difficulty=2):
-    """n toy samples, a deterministic function of (split, n, seed, difficulty).
+def toy_dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0):
+    """n toy samples, a deterministic function of (split, n, seed, difficulty, teacher_noise).
 
     difficulty (cells of 28 px; colours besides white; steps of the reference path):
       1: 2×3 grid, 3 colours, 2 steps — "How many cells are not X?" (6 − X), "twice X".
       2: 2×3 grid, 3 colours, 3 steps — X − Y, X + Y, "more X or Y? A/B/C". Default: after the
-         600-step warm-up the tiny Qwen2-VL (2.5M parameters) describes the grid exactly in 95–97 %
-         of held-out answers but miscounts it often: 41–63 % accuracy, room for StepGRPO.
+         600-step warm-up the tiny Qwen2-VL (2.5M parameters) describes the grid exactly in 95–100 %
+         of held-out answers but miscounts it often: 41–63 % accuracy on the reference paths,
+         39–45 % on the teacher's at teacher_noise 0.3, room for StepGRPO.
       3: 3×3 grid, 4 colours, 4 steps — X + Y − Z in one equation, "which of X/Y/Z is most? A/B/C".
       4: 3×3 grid, 4 colours, 5 steps — X + Y − Z and X + Y + Z, one operation per step.
     Answers are uniform per question kind, so no question text predicts its answer. "train" and
     "test" draw from disjoint halves of the problem space (`_toy_split`); duplicates may occur
     within a split. Sample: {"id", "image" (PIL RGB), "problem", "solution" (reference path),
-    "answer", "key_steps" {"Steps": [[alternatives], ...]}}.
+    "teacher_solution" (the warm-up path: with probability `teacher_noise` one count is one too
+    low and the rest follows from it; else the reference path), "answer", "key_steps"
+    {"Steps": [[alternatives], ...]}}. The teacher's slips come from their own random stream, so
+    the problems are the same for any `teacher_noise`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
     if difficulty not in LEVELS:
         raise ValueError(f"toy difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
     rng = random.Random(f"toy|{split}|{seed}|{difficulty}")  # str seeds hash stably across runs
-    return [{"id": f"toy-{split}-d{difficulty}-s{seed}-{i}", **_toy_sample(rng, difficulty, split)}
+    if not 0 <= teacher_noise <= 1:
+        raise ValueError(f"teacher_noise is a probability in [0, 1], got {teacher_noise!r}")
+    teacher_rng = random.Random(f"teacher|{split}|{seed}|{difficulty}")  # apart: problems never depend on it
+    return [{"id": f"toy-{split}-d{difficulty}-s{seed}-{i}", **_toy_sample(rng, difficulty, split, teacher_rng, teacher_noise)}
             for i in range(n)]
 
 

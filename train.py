@@ -32,9 +32,10 @@ from stepgrpo import group_advantages, policy_loss
 PAPER = dict(stage="rl", lr=1e-6, sft_lr=2e-5, sft_steps=1000, sft_batch=8, weight_decay_sft=0.05,
              max_steps=1000, prompts_per_step=1, grad_accum=4, num_generations=4, temperature=1.2, top_p=1.0,
              max_new_tokens=1024, max_prompt_len=1024, micro_batch=4, beta=0.04, alpha=0.1, clip_eps=0.2,
-             eval_every=0, eval_n=0, save_every=100, log_rollouts_every=10, difficulty=2)
+             eval_every=0, eval_n=0, save_every=100, log_rollouts_every=10, difficulty=2, teacher_noise=0.0)
 TOY = dict(stage="both", lr=5e-5, sft_lr=2e-3, sft_steps=600, sft_batch=32, max_steps=150, prompts_per_step=8,
-           grad_accum=1, temperature=1.0, max_new_tokens=160, micro_batch=16, eval_n=500, save_every=50)
+           grad_accum=1, temperature=1.0, max_new_tokens=160, micro_batch=16, eval_n=500, save_every=50,
+           teacher_noise=0.3)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 g = p.add_argument_group("run")
@@ -60,7 +61,7 @@ g.add_argument("--reward", default="step", choices=["step", "outcome", "steprar"
 g.add_argument("--loss_norm", default="seq", choices=["seq", "token"])
 g = p.add_argument_group("SFT warm-up, evaluation, logging")
 for name, kind in [("sft_steps", int), ("sft_batch", int), ("sft_lr", float), ("eval_every", int), ("eval_n", int),
-                   ("save_every", int), ("log_rollouts_every", int), ("difficulty", int)]:
+                   ("save_every", int), ("log_rollouts_every", int), ("difficulty", int), ("teacher_noise", float)]:
     g.add_argument(f"--{name}", type=kind)
 args = p.parse_args()
 preset = {**PAPER, **(TOY if args.data == "toy" else {})}
@@ -92,9 +93,10 @@ suppress_ids, _ = M.special_ids(tokenizer)
 max_pixels = image_processor.size["longest_edge"]
 
 if args.data == "toy":
-    train_set = data.toy_dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty)
+    # SFT imitates the teacher's paths (some miscount with --teacher_noise); RL is rewarded by the truth
+    train_set = data.toy_dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
     eval_set = data.toy_dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
-    sft_set = [{**s, "response": s["solution"]} for s in train_set]
+    sft_set = [{**s, "response": s["teacher_solution"]} for s in train_set]
 else:
     # Bad records are counted and logged by the loaders; a file with nothing usable is an error.
     sft_set = data.load_sft_data(args.data, args.image_root) if args.stage != "rl" else []

@@ -99,6 +99,33 @@ def test_each_key_step_is_credited_only_for_its_own_correct_step(toy, level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_imperfect_teacher_slips_one_count_and_keeps_the_problem(toy, level):
+    """teacher_noise only changes the warm-up paths: the same problems, answers and key steps; a
+    slipped path is well formed, has exactly one count one lower than the truth (the rest of the
+    path follows from it), and the share of slipped paths is close to the noise."""
+    clean = toy["train", level][:400]
+    noisy = data.toy_dataset("train", 1000, seed=0, difficulty=level, teacher_noise=0.3)[:400]
+    assert [signature(s) for s in clean] == [signature(s) for s in noisy]
+    assert all(s["teacher_solution"] == s["solution"] for s in clean)
+    slipped = [s for s in noisy if s["teacher_solution"] != s["solution"]]
+    assert 0.2 < len(slipped) / len(noisy) <= 0.35
+    counts = lambda text: dict(re.findall(r"^([a-z]+) = (\d+)$", text, re.M))  # noqa: E731
+    for s in slipped:
+        assert rewards.step_rvr(s["teacher_solution"]) == 1, s["id"]
+        true, told = counts(s["solution"]), counts(s["teacher_solution"])
+        assert true.keys() == told.keys()
+        assert sorted(int(true[c]) - int(told[c]) for c in true) == [0] * (len(true) - 1) + [1], s["id"]
+    wrong = sum(not rewards.is_correct(rewards.extract_answer(s["teacher_solution"]), s["answer"]) for s in slipped)
+    assert wrong / len(slipped) > 0.5   # most slips change the answer ("compare" may survive one)
+
+
+@pytest.mark.parametrize("noise", [-0.1, 1.5])
+def test_teacher_noise_outside_0_1_is_an_error(noise):
+    with pytest.raises(ValueError, match="teacher_noise"):
+        data.toy_dataset(n=1, teacher_noise=noise)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_question_text_alone_is_at_chance(toy, level):
     """Best text-only guess (per question text, its most common train answer) on test ≈ uniform
     guessing among that question's answers, far below the 100 % of a reader of the image."""
