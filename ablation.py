@@ -96,7 +96,7 @@ def main():
     p.add_argument("--steps", type=int, default=150, help="RL steps, and continued-SFT steps, per run")
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--sft_lr", type=float, default=5e-5, help="peak lr of the continued-SFT arm")
-    p.add_argument("--teacher_noise", type=float, default=0.0, help="the warm-up's and SFT arm's paths miscount (train.py)")
+    p.add_argument("--teacher_noise", type=float, help="the warm-up's and SFT arm's paths miscount (default: train.py's)")
     p.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     p.add_argument("--eval_n", type=int, default=400, help="held-out questions (greedy)")
     p.add_argument("--max_new_tokens", type=int, default=160)
@@ -107,7 +107,7 @@ def main():
     # Finished runs are reused, so they must come from the same settings: pin them to the folder.
     setup = dict(warmup=args.warmup and os.path.abspath(args.warmup), steps=args.steps, sft_lr=args.sft_lr,
                  eval_n=args.eval_n, max_new_tokens=args.max_new_tokens, teacher_noise=args.teacher_noise)
-    noise = ["--teacher_noise", str(args.teacher_noise)]
+    noise = [] if args.teacher_noise is None else ["--teacher_noise", str(args.teacher_noise)]
     pinned = os.path.join(args.out_dir, "setup.json")
     if os.path.exists(pinned) and json.load(open(pinned)) != setup:
         sys.exit(f"{args.out_dir} holds runs made with {json.load(open(pinned))}, not {setup}: use another --out_dir")
