@@ -1,6 +1,6 @@
 """ablation.py: the reward ablation of R1-VL (Table 2, Figure 3) replayed on the toy task.
 
-    python ablation.py                      # warm-up once, then 5 arms x 3 seeds, 2 runs at a time (~50 min, 2 cores)
+    python ablation.py                      # warm-up once, then 5 arms x 3 seeds, 2 runs at a time (~30 min, 2 cores)
     python ablation.py --warmup out/warmup --steps 100 --seeds 0 1 --out_dir out/ablation
 
 From one warm-up checkpoint (`train.py --stage sft`, or --warmup DIR), every arm trains for the same

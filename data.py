@@ -194,9 +194,9 @@ def toy_dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0):
     difficulty (cells of 28 px; colours besides white; steps of the reference path):
       1: 2×3 grid, 3 colours, 2 steps — "How many cells are not X?" (6 − X), "twice X".
       2: 2×3 grid, 3 colours, 3 steps — X − Y, X + Y, "more X or Y? A/B/C". Default: after the
-         600-step warm-up the tiny Qwen2-VL (2.5M parameters) describes the grid exactly in 95–100 %
-         of held-out answers but miscounts it often: 41–63 % accuracy on the reference paths,
-         39–45 % on the teacher's at teacher_noise 0.3, room for StepGRPO.
+         600-step warm-up on the teacher's paths (teacher_noise 0.5) the tiny Qwen2-VL (2.5M
+         parameters) describes the grid exactly in 99–100 % of held-out answers but miscounts it
+         often: 45–67 % accuracy, room for StepGRPO.
       3: 3×3 grid, 4 colours, 4 steps — X + Y − Z in one equation, "which of X/Y/Z is most? A/B/C".
       4: 3×3 grid, 4 colours, 5 steps — X + Y − Z and X + Y + Z, one operation per step.
     Answers are uniform per question kind, so no question text predicts its answer. "train" and

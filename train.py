@@ -35,7 +35,7 @@ PAPER = dict(stage="rl", lr=1e-6, sft_lr=2e-5, sft_steps=1000, sft_batch=8, weig
              eval_every=0, eval_n=0, save_every=100, log_rollouts_every=10, difficulty=2, teacher_noise=0.0)
 TOY = dict(stage="both", lr=5e-5, sft_lr=2e-3, sft_steps=600, sft_batch=32, max_steps=150, prompts_per_step=8,
            grad_accum=1, temperature=1.0, max_new_tokens=160, micro_batch=16, eval_n=500, save_every=50,
-           teacher_noise=0.3)
+           teacher_noise=0.5)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 g = p.add_argument_group("run")

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+import data
 import model as M
 import rollout as R
 
@@ -183,6 +184,21 @@ def test_tiny_chat_template_matches_prompt_builder(tiny):
     q = M.R1VL_INSTRUCTION.format(question="How many?")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == M.prompt_text("How many?")
+
+
+def test_tiny_tokenizer_has_phrase_tokens_and_round_trips(tiny):
+    tok = tiny[1]
+    s = data.toy_dataset("train", n=1)[0]
+    for phrase in M.PHRASES:                             # the fixed text is one token each
+        assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
+    near = "### Image Descriptions:\n### Step 12: ### The final answer is 7"   # near-misses fall back to BPE
+    for text in (M.prompt_text(s["problem"]), s["solution"], near):
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # rollouts decode with special tokens dropped: phrase tokens are not special, so they stay
+    assert tok.decode(tok(s["solution"])["input_ids"], skip_special_tokens=True) == s["solution"]
+    # about half the length a word-level tokenizer gives (prompt ≈ 100 → ≈ 30, response ≈ 90 → ≈ 60)
+    assert len(tok(M.prompt_text(s["problem"]), add_special_tokens=False)["input_ids"]) < 40
+    assert len(tok(s["solution"], add_special_tokens=False)["input_ids"]) < 70
 
 
 def test_image_tokens_expand_by_grid(tiny):
