@@ -96,12 +96,10 @@ def test_rl_raises_a_trivially_learnable_reward(tiny):
     images, questions = [Image.new("RGB", (56, 56), c) for c in ("red", "blue")], ["q1", "q2"]
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    first = R.generate(policy, tok, ip, images, questions, num_samples=8, max_new_tokens=8)
-    target = int(torch.bincount(first.completion_ids[first.completion_mask.bool()]).argmax())
-    means = []                                      # reward: how often that (already seen) token is sampled
+    means = []                    # reward: how many of the 8 new tokens have an even id (about half at random init)
     for _ in range(15):
         ro = R.generate(policy, tok, ip, images, questions, num_samples=8, max_new_tokens=8)
-        r = ((ro.completion_ids == target) & ro.completion_mask.bool()).float().sum(1)
+        r = ((ro.completion_ids % 2 == 0) & ro.completion_mask.bool()).float().sum(1)
         means.append(r.mean().item())
         adv, _ = group_advantages(r, 8)
         lp = M.completion_logprobs(policy, ro.prompt, ro.completion_ids, 1.0, ro.suppress_ids)
