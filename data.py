@@ -176,10 +176,8 @@ def _toy_sample(rng, level, split, teacher_rng, teacher_noise):
     # its answer (grids where no slip leaves a well-posed question keep the correct path).
     if teacher_rng.random() < teacher_noise:
         counts = [grid.count(c) for c in names]
-        slips = []
-        for j, c in enumerate(counts):
-            slip = c and _pose(kind, names, counts[:j] + [c - 1] + counts[j + 1:], len(grid))
-            slips += [slip] if slip else []
+        slips = [slip for j, c in enumerate(counts)
+                 if c and (slip := _pose(kind, names, counts[:j] + [c - 1] + counts[j + 1:], len(grid)))]
         if slips:
             _, _, bad_steps, bad_answer = teacher_rng.choice(slips)
             teacher = path(bad_steps, bad_answer)
@@ -211,9 +209,9 @@ def toy_dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0):
         raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
     if difficulty not in LEVELS:
         raise ValueError(f"toy difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
-    rng = random.Random(f"toy|{split}|{seed}|{difficulty}")  # str seeds hash stably across runs
     if not 0 <= teacher_noise <= 1:
         raise ValueError(f"teacher_noise is a probability in [0, 1], got {teacher_noise!r}")
+    rng = random.Random(f"toy|{split}|{seed}|{difficulty}")  # str seeds hash stably across runs
     teacher_rng = random.Random(f"teacher|{split}|{seed}|{difficulty}")  # apart: problems never depend on it
     return [{"id": f"toy-{split}-d{difficulty}-s{seed}-{i}", **_toy_sample(rng, difficulty, split, teacher_rng, teacher_noise)}
             for i in range(n)]
