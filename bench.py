@@ -19,12 +19,9 @@ from PIL import Image, ImageDraw
 
 import model as M
 import rollout
+import toy
 from stepgrpo import group_advantages, policy_loss
 
-# Qwen/Qwen2-VL-2B-Instruct's published config (text 28 x 1536, vision 32 x 1280, vocab 151,936).
-QWEN2_VL_2B = dict(text_layers=28, hidden=1536, heads=12, kv_heads=2, mlp=8960, vision_depth=32, vision_dim=1280,
-                   vision_heads=16, vision_mlp_ratio=4, rope_theta=1e6, model_vocab=151936,
-                   min_pixels=M.MIN_PIXELS, max_pixels=M.MAX_PIXELS)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU, vendor figures
 
 p = argparse.ArgumentParser()
@@ -41,8 +38,9 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 cuda = device.type == "cuda"
 amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 if args.model == "qwen2-vl-2b":
-    policy, tokenizer, image_processor = M.build_tiny(**QWEN2_VL_2B)
-    policy.to(device)
+    _, tokenizer, image_processor = toy.load_tiny()   # its tokenizer, with the paper's pixel range
+    M.set_pixel_range(image_processor, M.MIN_PIXELS, M.MAX_PIXELS)
+    policy = M.random_init(tokenizer, image_processor, model_vocab=151936).to(device)   # 2B: random_init's defaults
 else:
     policy, tokenizer, image_processor = M.load(args.model, device=device, dtype=torch.float32)
 reference = M.load(args.model, device=device)[0] if os.path.isdir(args.model) else None

@@ -9,15 +9,13 @@ METHOD.md §2), the image-token expansion, the 3-D M-RoPE positions, and the per
 of completion tokens. `Qwen2VLProcessor` is not used (it cannot be built without torchvision), so
 inputs are made from the tokenizer and the image processor directly, the same way it makes them.
 """
-import inspect
 import importlib.util
-import math
+import inspect
 import os
 
 import torch
-from PIL import Image
-from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer,
-                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
 
 MIN_PIXELS, MAX_PIXELS = 3136, 400_000     # the paper's image limits (≈510 visual tokens at most)
 MAX_PROMPT_LEN = 1024                      # longer prompts are skipped, never cut into image tokens
@@ -32,12 +30,6 @@ R1VL_INSTRUCTION = (
     "### Step 2: (as many steps as needed)\n### The final answer is: <answer>\n\nQuestion: {question}")
 PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phrase."
 
-# The embedded preset: a real Qwen2-VL architecture, small enough to train on a laptop CPU.
-# Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.
-TINY = dict(vocab_size=1024, text_layers=4, hidden=192, heads=6, kv_heads=3, mlp=384,
-            vision_depth=4, vision_dim=128, vision_heads=4, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
-            vision_mlp_ratio=2, rope_theta=10000.0, model_vocab=None)   # model_vocab None: the tokenizer's size
-
 
 # ----------------------------------------------------------------------------- loading
 
@@ -47,7 +39,7 @@ def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pix
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
     when it is installed, a GPU is present and the weights are half precision. One pixel range is
     set on the image processor and used everywhere (rollout, scoring, evaluation), so the number of
-    image tokens never differs: the paper's [MIN_PIXELS, MAX_PIXELS] unless given (TINY's for "tiny").
+    image tokens never differs: the paper's [MIN_PIXELS, MAX_PIXELS] unless given (toy.py's for "tiny").
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
@@ -58,7 +50,8 @@ def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pix
         fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if fa2 and dtype != torch.float32 else "sdpa"
     if name == "tiny":
-        model, tokenizer, image_processor = build_tiny()
+        import toy   # the embedded default; toy.py builds on this module, so it is imported on demand
+        model, tokenizer, image_processor = toy.load_tiny()
         model = model.to(dtype)
     else:
         if not os.path.isdir(name) and (name.startswith(".") or name.startswith("/")):
@@ -78,30 +71,26 @@ def set_pixel_range(image_processor, min_pixels, max_pixels):
     image_processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
 
 
-def build_tiny(seed=0, **overrides):
-    """A Qwen2-VL with random weights from the TINY preset and a byte-level BPE tokenizer trained here.
-
-    Deterministic for a given seed. It saves with `save_pretrained` into a directory that plain
-    transformers loads back (AutoModelForImageTextToText, AutoTokenizer, AutoImageProcessor).
-    """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    c = {**TINY, **overrides}
-    tokenizer = tiny_tokenizer(c["vocab_size"])
+def random_init(tokenizer, image_processor, seed=0, text_layers=28, hidden=1536, heads=12, kv_heads=2, mlp=8960,
+                vision_depth=32, vision_dim=1280, vision_heads=16, vision_mlp_ratio=4, rope_theta=1e6, model_vocab=None):
+    """A Qwen2-VL of the given size with random weights (deterministic for a seed); the defaults are
+    Qwen2-VL-2B's published architecture. `model_vocab` None: the tokenizer's size. It saves with
+    `save_pretrained` into a directory that plain transformers loads back."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS + STOP_TOKENS}
-    head_dim = c["hidden"] // c["heads"]
+    head_dim = hidden // heads
     quarter = head_dim // 2 // 4           # M-RoPE splits the rotary half into (t, h, w) = 1/4, 3/8, 3/8
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=c["model_vocab"] or len(tokenizer), hidden_size=c["hidden"], intermediate_size=c["mlp"],
-                         num_hidden_layers=c["text_layers"], num_attention_heads=c["heads"],
-                         num_key_value_heads=c["kv_heads"], max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"],
+        text_config=dict(vocab_size=model_vocab or len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
+                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                                           "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
                                                             (head_dim // 2 - quarter) // 2]},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=c["vision_depth"], embed_dim=c["vision_dim"], hidden_size=c["hidden"],
-                           num_heads=c["vision_heads"], mlp_ratio=c["vision_mlp_ratio"], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
+                           mlp_ratio=vision_mlp_ratio, patch_size=image_processor.patch_size,
+                           spatial_merge_size=image_processor.merge_size, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -110,9 +99,7 @@ def build_tiny(seed=0, **overrides):
         model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=c["min_pixels"], max_pixels=c["max_pixels"])
-    set_pixel_range(image_processor, c["min_pixels"], c["max_pixels"])
-    return model, tokenizer, image_processor
+    return model
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -128,45 +115,6 @@ CHAT_TEMPLATE = (
 
 
 # Fixed text of every toy prompt and response (the tiny tokenizer's phrase tokens; real tokenizers spell them out).
-PHRASES = [SYSTEM, R1VL_INSTRUCTION.split("{question}")[0], "### Image Description:", "### Rationales:",
-           "### Let's think step by step.", "### Step", "### The final answer is:", "\n\n"]
-
-
-def tiny_tokenizer(vocab_size=1024):
-    """Byte-level BPE (any text encodes) trained on a small built-in corpus, with Qwen2-VL's special tokens
-    and the toy task's fixed text (PHRASES) as whole tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    words = ("the a of and to is in are how many which what more than fewer most least each total sum "
-             "difference cells cell row column grid colour color red green blue yellow white black count "
-             "counts there image shows question answer compare number numbers equal plus minus times "
-             "so then first second third last step steps option options because need we add subtract "
-             "double twice largest find not has")
-    colours = "red green blue yellow white black".split()
-    # Line-start and capitalised forms too (byte-level BPE never merges across a space or newline), so
-    # "Row", "Count", "How" and a colour opening a line are one token each, as in the toy task's text.
-    lines = ["\n".join("How Which What Are Count Counting Row Choices system user assistant".split()),
-             " ".join(f"Row {r}: {a}, {b}, {c}." for r in range(1, 4) for a, b, c in zip(colours, colours[1:], colours[2:])),
-             "\n".join(f"{c} = {n}" for c in colours for n in range(10))]
-    corpus = [R1VL_INSTRUCTION.format(question=words), PLAIN_INSTRUCTION.format(question=words), SYSTEM, words,
-              "### Image Description:\n### Rationales:\n### Let's think step by step.\n"
-              "### The final answer is: ", " ".join(f"### Step {i}:" for i in range(1, 10)),
-              " ".join(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} x {b} = {a * b}."
-                       for a in range(13) for b in range(13)), "A B C D E (A) (B) (C) (D) Yes No yes no", *lines]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus * 3, trainer)
-    # The prompt's fixed text and the section headers become one token each (matched before BPE), so a
-    # tiny model spends its compute on the content: a toy sample is ~100 tokens instead of ~200, and
-    # an SFT step of 32 samples takes 0.42 s instead of 0.66 s on 2 CPU cores.
-    tk.add_tokens([AddedToken(t, normalized=False) for t in PHRASES])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -176,21 +124,6 @@ def prompt_text(question, style="r1vl", image=True):
     vision = "<|vision_start|><|image_pad|><|vision_end|>" if image else ""
     return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{vision}{instruction}<|im_end|>\n"
             "<|im_start|>assistant\n")
-
-
-def load_image(src, max_pixels=MAX_PIXELS):
-    """Open an image path/bytes/PIL image as RGB, shrinking it first if it is far over the pixel limit."""
-    if src is None:
-        return None
-    try:
-        image = src if isinstance(src, Image.Image) else Image.open(src)
-        image = image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {src if isinstance(src, (str, os.PathLike)) else type(src)}: {e}") from e
-    if image.width * image.height > 4 * max_pixels:  # the processor resizes too; this only saves its time
-        s = math.sqrt(2 * max_pixels / (image.width * image.height))
-        image = image.resize((max(28, round(image.width * s)), max(28, round(image.height * s))), Image.BICUBIC)
-    return image
 
 
 def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", max_prompt_len=MAX_PROMPT_LEN,
@@ -211,7 +144,7 @@ def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", ma
         enc = image_processor(images=[images[i] for i in with_image], return_tensors="pt")
         pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"]
     n_image_tokens = dict(zip(with_image, (grid.prod(-1) // merge ** 2).tolist() if with_image else []))
-    rows, kept, patches = [], [], []
+    rows, kept = [], []
     for i, text in enumerate(texts):
         text = text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens.get(i, 0))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-import checkpoint, data, model as M, parallel, rewards, rollout
+import checkpoint, data, model as M, parallel, rewards, rollout, toy
 from stepgrpo import group_advantages, policy_loss
 
 # ----------------------------------------------------------------------------- config
@@ -94,8 +94,8 @@ max_pixels = image_processor.size["longest_edge"]
 
 if args.data == "toy":
     # SFT imitates the teacher's paths (some miscount with --teacher_noise); RL is rewarded by the truth
-    train_set = data.toy_dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
-    eval_set = data.toy_dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
+    train_set = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
+    eval_set = toy.dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
     sft_set = [{**s, "response": s["teacher_solution"]} for s in train_set]
 else:
     # Bad records are counted and logged by the loaders; a file with nothing usable is an error.
@@ -123,7 +123,7 @@ def images_of(samples):
     good, images, keep = [], [], []
     for i, s in enumerate(samples):
         try:
-            images.append(M.load_image(s.get("image") or s.get("image_path"), max_pixels)), good.append(s), keep.append(i)
+            images.append(data.load_image(s.get("image") or s.get("image_path"), max_pixels)), good.append(s), keep.append(i)
         except ValueError as e:
             skipped["bad_image"] += 1
             print(f"[rank {rank}] skipping sample {s.get('id')}: {e}")

@@ -186,21 +186,6 @@ def test_tiny_chat_template_matches_prompt_builder(tiny):
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == M.prompt_text("How many?")
 
 
-def test_tiny_tokenizer_has_phrase_tokens_and_round_trips(tiny):
-    tok = tiny[1]
-    s = data.toy_dataset("train", n=1)[0]
-    for phrase in M.PHRASES:                             # the fixed text is one token each
-        assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
-    near = "### Image Descriptions:\n### Step 12: ### The final answer is 7"   # near-misses fall back to BPE
-    for text in (M.prompt_text(s["problem"]), s["solution"], near):
-        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    # rollouts decode with special tokens dropped: phrase tokens are not special, so they stay
-    assert tok.decode(tok(s["solution"])["input_ids"], skip_special_tokens=True) == s["solution"]
-    # about half the length a word-level tokenizer gives (prompt ≈ 100 → ≈ 30, response ≈ 90 → ≈ 60)
-    assert len(tok(M.prompt_text(s["problem"]), add_special_tokens=False)["input_ids"]) < 40
-    assert len(tok(s["solution"], add_special_tokens=False)["input_ids"]) < 70
-
-
 def test_image_tokens_expand_by_grid(tiny):
     _, tok, ip = tiny
     batch = M.build_inputs(tok, ip, IMAGES, QUESTIONS)
@@ -219,15 +204,15 @@ def test_overlong_prompt_is_skipped_and_counted(tiny, caplog):
 
 def test_missing_image_gives_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot read image .*nope.png"):
-        M.load_image(str(tmp_path / "nope.png"))
+        data.load_image(str(tmp_path / "nope.png"))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image"):
-        M.load_image(str(tmp_path / "bad.png"))
+        data.load_image(str(tmp_path / "bad.png"))
 
 
 def test_large_image_is_resized_within_the_pixel_limit(tiny):
     _, tok, ip = tiny
-    big = M.load_image(Image.new("RGB", (4000, 3000), "red"), max_pixels=ip.size["longest_edge"])
+    big = data.load_image(Image.new("RGB", (4000, 3000), "red"), max_pixels=ip.size["longest_edge"])
     batch = M.build_inputs(tok, ip, [big], ["q"])
     assert int(batch["image_grid_thw"].prod()) * 14 * 14 <= ip.size["longest_edge"]
 
