@@ -4,9 +4,12 @@ The embedded toy task lives in toy.py. Every record of a real data file is check
 skipped, counted, and logged as one warning line per reason with its first line numbers; no
 usable record → ValueError.
 - `load_rl_data`: R1-VL-10K records (image_path, problem, solution, key_steps) for StepGRPO.
-- `load_sft_data`: Mulberry / LLaMA-Factory `messages` + `images` records for the warm-up SFT
-  (R1-VL §4), or RL records with the solution as the response.
-Images are kept as paths (checked to exist); the trainer opens them.
+- `load_sft_data`: Mulberry / LLaMA-Factory records (`messages` or ShareGPT `conversations`, plus
+  `images`) for the warm-up SFT (R1-VL §4), or RL records with the solution as the response.
+Images are kept as paths, checked at load time to exist and to have a readable header: PIL's
+verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap enough for every
+record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
+by the trainer when it opens it.
 
 Key steps (`key_steps_from_solution`): an offline, rule-based stand-in for the authors' GPT-4
 extraction and augmentation, for data that comes without key steps.
@@ -55,9 +58,15 @@ def load_image(src, max_pixels=None):
 
 
 # ---------------------------------------------------------------------------- real data
-# Mulberry builds its reflective paths by inserting a wrong step and a reflection prompt such as
-# "The previous reasoning step is wrong and let's rethink it again." R1-VL drops those samples.
-REFLECTIVE = re.compile(r"previous reasoning step is (?:wrong|incorrect)|let'?s rethink|rethink it again", re.I)
+# Mulberry's reflective paths are a wrong step, a reflection sentence, then the correct rest. Its
+# data construction inserts "I think I have made a mistake. Let me rethink it." (data_construction.py,
+# REFLECTION_PROMPT); the paper words it "The previous reasoning step is wrong and let's rethink it
+# again." R1-VL drops those samples. Matched: a first-person mistake, a past step called wrong, a
+# rethink; not "option B is wrong", "a common mistake", or "Let's think step by step".
+REFLECTIVE = re.compile(
+    r"\b(?:I|we)(?:\s+think\s+(?:I|we))?(?:\s+have|'ve)?\s+made\s+(?:a\s+|an\s+)?(?:mistake|error)"
+    r"|\b(?:previous|last|above|preceding)\s+(?:reasoning\s+)?step\s+(?:is|was)\s+(?:wrong|incorrect)"
+    r"|\bre-?think(?:ing)?\b", re.I)
 
 
 def _read_records(path):
@@ -79,15 +88,46 @@ def _read_records(path):
     return "line", out
 
 
-def _load(path, image_root, convert, stats):
-    """Shared skip/count policy. `convert(record, where)` returns the kept dict or a skip reason
-    'reason: detail'; reasons are counted, the first detail of each is logged."""
+def _find_image(name, root):
+    """(path, relocated) of the image a record names, or (None, False). A relative path is under
+    `root`; one not found there (an absolute path from another machine, say) is retried as its
+    trailing components under `root`, longest first: /mnt/x/1.png → mnt/x/1.png, x/1.png, 1.png."""
+    path = Path(name)
+    full = path if path.is_absolute() else root / path
+    if full.is_file():
+        return full, False
+    for i in range(1, len(path.parts)):
+        if (root / Path(*path.parts[i:])).is_file():
+            return root / Path(*path.parts[i:]), True
+    return None, False
+
+
+def _unreadable(path):
+    """Why PIL cannot read the image's header (verify(): no pixel decode), or None."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error, ... by format
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# What to do when a file has no usable record, by skip reason.
+_ADVICE = {"SFT record": "this is warm-up data: run it with --stage sft",
+           "missing key_steps": "pass --derive_key_steps to derive them from each solution",
+           "missing image": "image paths resolve against {root}: set --image_root"}
+
+
+def _load(path, image_root, convert, stats, notes):
+    """Shared skip/count policy. `convert(record, where)` returns the kept dict (with "_note", one of
+    `notes`, if it was changed on the way) or a skip reason 'reason: detail'; reasons are counted,
+    the first detail of each is logged."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     root = Path(image_root) if image_root else path.parent
     unit, records = _read_records(path)
-    kept, skipped, first = [], {}, {}
+    kept, skipped, first, noted = [], {}, {}, dict.fromkeys(("relocated_images",) + notes, 0)
     for line, rec in records:
         where = f"{path}:{line}"
         if rec is None:
@@ -97,12 +137,18 @@ def _load(path, image_root, convert, stats):
         else:
             out = convert(rec, where)
         if isinstance(out, dict):
-            img = Path(out["image_path"])
-            img = img if img.is_absolute() else root / img
-            rid = rec.get("id")
-            out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out, "image_path": str(img)}
-            if not img.is_file():
-                out = f"missing image: {img}"
+            img, relocated = _find_image(out["image_path"], root)
+            bad = img and _unreadable(img)
+            if img is None:
+                out = f"missing image: {root / out['image_path']}"
+            elif bad:
+                out = f"unreadable image: {img} ({bad})"
+            else:
+                rid = rec.get("id")
+                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out, "image_path": str(img)}
+                noted["relocated_images"] += relocated
+                if "_note" in out:
+                    noted[out.pop("_note")] += 1
         if isinstance(out, str):
             reason, _, detail = out.partition(": ")
             skipped.setdefault(reason, []).append(line)
@@ -113,11 +159,15 @@ def _load(path, image_root, convert, stats):
         more = ", ..." if len(lines) > 5 else ""
         log.warning("%s: skipped %d record(s), %s (%ss %s%s; first: %s)", path, len(lines), reason,
                     unit, ", ".join(map(str, lines[:5])), more, first[reason])
+    for note, n in noted.items():
+        if n:
+            log.info("%s: %s: %d record(s)", path, note.replace("_", " "), n)
     if stats is not None:
-        stats.update(kept=len(kept), skipped={r: len(v) for r, v in skipped.items()})
+        stats.update(kept=len(kept), skipped={r: len(v) for r, v in skipped.items()}, **noted)
     if not kept:
         counts = ", ".join(f"{len(v)} {r}" for r, v in skipped.items()) or "file is empty"
-        raise ValueError(f"{path}: no usable records ({counts}); image paths resolve against {root}")
+        advice = "".join(f"; {_ADVICE[r].format(root=root)}" for r in skipped if r in _ADVICE)
+        raise ValueError(f"{path}: no usable records ({counts}){advice}")
     return kept
 
 
@@ -126,59 +176,90 @@ def _missing(rec, fields):
     return f"missing field: {', '.join(bad)}" if bad else None
 
 
-def _rl_record(rec, where):
-    missing = _missing(rec, ("image_path", "problem", "solution")) or (
-        None if rec.get("key_steps") is not None else "missing field: key_steps")
+def _rl_record(rec, where, derive_key_steps):
+    if "messages" in rec or "conversations" in rec:
+        return "SFT record: has messages/conversations, not image_path/problem/solution/key_steps"
+    missing = _missing(rec, ("image_path", "problem", "solution"))
     if missing:
         return missing
-    try:  # takes the dict, the bare list, or a JSON string of either
-        steps = rewards.validate_key_steps(rec["key_steps"], where=where)
-    except ValueError as e:
-        return f"bad key_steps: {e}"
-    return {"image_path": rec["image_path"], "problem": rec["problem"], "solution": rec["solution"],
-            "key_steps": {"Steps": steps}}
+    out = {"image_path": rec["image_path"], "problem": rec["problem"], "solution": rec["solution"]}
+    steps = None
+    if rec.get("key_steps") is not None:
+        try:  # takes the dict, the bare list, or a JSON string of either
+            steps = rewards.validate_key_steps(rec["key_steps"], where=where)
+        except ValueError as e:
+            return f"bad key_steps: {e}"
+    if steps:
+        return {**out, "key_steps": {"Steps": steps}}
+    if not derive_key_steps:
+        return "missing key_steps: none given"
+    steps = key_steps_from_solution(rec["solution"])["Steps"]
+    if not steps:
+        return "no derivable key_steps: the solution has no equation, number or key phrase"
+    return {**out, "key_steps": {"Steps": steps}, "_note": "derived_key_steps"}
+
+
+# LLaMA-Factory's two chat formats: OpenAI-style role/content and ShareGPT from/value.
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
 def _sft_record(rec, drop_reflective):
-    if "messages" not in rec and "images" not in rec:  # an RL record: the reference path is the response
+    chat = rec.get("messages", rec.get("conversations"))
+    if chat is None:   # an RL record: the reference path is the response
         missing = _missing(rec, ("image_path", "problem", "solution"))
         out = missing or {"image_path": rec["image_path"], "problem": rec["problem"], "response": rec["solution"]}
     else:
-        msgs, images = rec.get("messages"), rec.get("images")
+        turns = [(_ROLES.get(m.get("role", m.get("from"))), m.get("content", m.get("value")))
+                 if isinstance(m, dict) else (None, None) for m in chat if isinstance(chat, list)]
+        system = bool(turns) and turns[0][0] == "system"
+        turns = turns[1:] if system else turns
+        roles = [role for role, _ in turns]
+        images = rec.get("images")
+        images = [images] if isinstance(images, str) else images   # Mulberry's own data gives one path
         if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
-            return "missing field: images must list exactly one image path"
-        roles = [m.get("role") if isinstance(m, dict) else None for m in msgs or []]
-        if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in msgs):
-            return f"missing field: messages must be one user then one assistant turn (got roles {roles})"
-        out = {"image_path": images[0], "problem": msgs[0]["content"].replace("<image>", "").strip(),
-               "response": msgs[1]["content"]}
+            return "missing field: images must be one image path or a list of one"
+        if roles != ["user", "assistant"] or not all(isinstance(text, str) for _, text in turns):
+            return f"missing field: messages/conversations must be one user then one assistant turn (got {roles})"
+        out = {"image_path": images[0], "problem": turns[0][1].replace("<image>", "").strip(),
+               "response": turns[1][1]}
+        if system:
+            out["_note"] = "system_turns_ignored"
     if isinstance(out, dict) and drop_reflective and REFLECTIVE.search(out["response"]):
         return "reflective (dropped on request): self-correction phrase in the response"
     return out
 
 
-def load_rl_data(path, image_root=None, stats=None):
+def load_rl_data(path, image_root=None, stats=None, derive_key_steps=False):
     """R1-VL-10K records from a JSON list or JSONL file → [{"id", "image_path", "problem",
     "solution", "key_steps": {"Steps": [[alternatives], ...]}}].
 
     key_steps may be {"Steps": [...]}, the bare list, or a JSON string of either; it is checked
-    with rewards.validate_key_steps. Relative image paths resolve against `image_root`, else the
-    data file's folder. Skips malformed JSON, missing fields, missing images and bad key_steps;
-    `stats` (a dict), if given, receives {"kept": n, "skipped": {reason: count}}.
+    with rewards.validate_key_steps. A record without key steps is skipped, or with
+    `derive_key_steps` given `key_steps_from_solution(solution)` (skipped if that finds none).
+    Relative image paths resolve against `image_root`, else the data file's folder; a path not
+    found is retried as its trailing components under that folder. Skips malformed JSON, missing
+    fields, SFT records, missing or unreadable images and bad key_steps. `stats` (a dict), if given,
+    receives {"kept", "skipped": {reason: count}, "relocated_images", "derived_key_steps"}. The
+    ValueError for a file with no usable record says what to do (--stage sft, --derive_key_steps,
+    --image_root).
     """
-    return _load(path, image_root, _rl_record, stats)
+    return _load(path, image_root, lambda rec, where: _rl_record(rec, where, derive_key_steps), stats,
+                 ("derived_key_steps",))
 
 
 def load_sft_data(path, image_root=None, stats=None, drop_reflective=False):
     """Warm-up SFT records → [{"id", "image_path", "problem", "response"}].
 
-    Accepts the Mulberry / LLaMA-Factory format {"messages": [{"role": "user", "content":
-    "<image>question"}, {"role": "assistant", "content": reasoning}], "images": [path]} and RL records
-    (the solution becomes the response). `drop_reflective` removes samples with a self-correction
-    phrase (R1-VL's warm-up, paper §4), counted as a skip reason. Same checks and `stats` as
-    `load_rl_data`.
+    Accepts the Mulberry / LLaMA-Factory formats, {"messages": [{"role": "user", "content":
+    "<image>question"}, {"role": "assistant", "content": reasoning}], "images": [path] or path}
+    and ShareGPT {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]},
+    and RL records (the solution becomes the response). A leading system turn is ignored (R1-VL's
+    prompt has none) and counted in stats["system_turns_ignored"]. `drop_reflective` removes
+    samples with a self-correction sentence (R1-VL's warm-up, paper §4), counted as a skip reason.
+    Same image checks and `stats` as `load_rl_data`.
     """
-    return _load(path, image_root, lambda rec, where: _sft_record(rec, drop_reflective), stats)
+    return _load(path, image_root, lambda rec, where: _sft_record(rec, drop_reflective), stats,
+                 ("system_turns_ignored",))
 
 
 # ---------------------------------------------------------------------------- key steps from a reference path

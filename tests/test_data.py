@@ -1,4 +1,4 @@
-"""Data: the loaders' skip/count policy, image decoding, key steps from a reference path, batch order."""
+"""Data: the loaders' formats and skip policy, image decoding, key steps from a reference path, batch order."""
 import json
 import logging
 
@@ -55,18 +55,20 @@ def test_rl_loader_keeps_good_records_and_counts_each_bad_one(folder, caplog):
             rl(problem=None),                                # 5 missing field
             rl(image="nope.png"),                            # 6 missing image
             rl(key_steps="not json"),                        # 7 bad key_steps
-            rl(key_steps={"Steps": [["x = 3"], []]}),        # 8 bad key_steps (empty group)
-            "", rl(image=str(folder / "imgs" / "b.png"))]    # 9 blank line; 10 absolute path
+            rl(key_steps={"Steps": [["x = 3"], {"x": 3}]}),  # 8 bad key_steps (a group that is a dict)
+            rl(key_steps=None),                              # 9 missing key_steps
+            "", rl(image=str(folder / "imgs" / "b.png"))]    # 10 blank line; 11 absolute path
     stats = {}
     with caplog.at_level(logging.WARNING, logger="data"):
         out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", rows), stats=stats)
-    assert stats == {"kept": 4, "skipped": {"malformed JSON": 1, "missing field": 1,
-                                             "missing image": 1, "bad key_steps": 2}}
-    assert [r["id"] for r in out] == ["s1", "rl.jsonl:2", "rl.jsonl:3", "rl.jsonl:10"]
+    assert stats == {"kept": 4, "skipped": {"malformed JSON": 1, "missing field": 1, "missing image": 1,
+                                             "bad key_steps": 2, "missing key_steps": 1},
+                     "relocated_images": 0, "derived_key_steps": 0}
+    assert [r["id"] for r in out] == ["s1", "rl.jsonl:2", "rl.jsonl:3", "rl.jsonl:11"]
     assert all(r["key_steps"] == GOOD_STEPS for r in out)
     assert out[0]["image_path"] == str(folder / "a.png")
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 4
+    assert len(warnings) == 5
     assert any("bad key_steps (lines 7, 8;" in w for w in warnings)
     assert any("missing image (lines 6;" in w for w in warnings)
 
@@ -77,7 +79,69 @@ def test_rl_loader_reads_a_json_list_with_an_image_root(folder):
     stats = {}
     out = data.load_rl_data(path, image_root=folder / "imgs", stats=stats)
     assert [r["image_path"] for r in out] == [str(folder / "imgs" / "b.png")]
-    assert stats == {"kept": 1, "skipped": {"missing image": 1}}
+    assert stats["skipped"] == {"missing image": 1}
+
+
+@pytest.mark.parametrize("key_steps", [{"Steps": [["x = 3"], []]}, {"Steps": [["x = 3"], None]},
+                                       [["x = 3"], ["", " "]], '{"Steps": [["x = 3"], null]}'])
+def test_empty_or_null_key_step_groups_are_kept_as_never_found(folder, key_steps):
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl(key_steps=key_steps)]))
+    assert out[0]["key_steps"] == {"Steps": [["x = 3"], []]}
+
+
+@pytest.mark.parametrize("image, root, found", [
+    ("/elsewhere/data/imgs/b.png", ".", "imgs/b.png"),     # the tail under the root
+    ("/elsewhere/pics/b.png", "imgs", "imgs/b.png"),        # the file name under the root
+    ("/elsewhere/imgs/c.png", ".", "imgs/c.png"),           # longest tail first, not ./c.png
+    ("data/imgs/b.png", ".", "imgs/b.png"),                 # a relative path, likewise
+])
+def test_image_path_not_found_is_retried_as_its_tail_under_the_root(folder, image, root, found):
+    for where in (folder / "c.png", folder / "imgs" / "c.png"):
+        Image.new("RGB", (28, 28), "green").save(where)
+    stats = {}
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl(image=image)]), folder / root, stats=stats)
+    assert out[0]["image_path"] == str(folder / found)
+    assert stats["relocated_images"] == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_unreadable_image_is_a_counted_skip_and_alone_fails_at_load_time(folder, content):
+    (folder / "bad.png").write_bytes(content)
+    path = write_jsonl(folder / "rl.jsonl", [rl(image="bad.png"), rl()])
+    stats = {}
+    assert len(data.load_rl_data(path, stats=stats)) == 1
+    assert stats["skipped"] == {"unreadable image": 1}
+    with pytest.raises(ValueError, match=r"no usable records \(1 unreadable image\)"):
+        data.load_rl_data(write_jsonl(folder / "one.jsonl", [rl(image="bad.png")]))
+
+
+def mulberry(question="<image>What is x?", answer="### Step 1:\nx = 3", images=("a.png",),
+             roles=("user", "assistant")):
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, (question, answer))],
+            "images": list(images)}
+
+
+@pytest.mark.parametrize("loader, rows, advice", [
+    (data.load_rl_data, [mulberry()], r"\(1 SFT record\); this is warm-up data: run it with --stage sft$"),
+    (data.load_rl_data, [rl(key_steps=None)], r"\(1 missing key_steps\); pass --derive_key_steps to"),
+    (data.load_sft_data, [rl(image="nope.png")], r"\(1 missing image\); image paths resolve against .*--image_root"),
+])
+def test_file_for_the_wrong_stage_fails_with_one_line_saying_what_to_do(folder, loader, rows, advice):
+    with pytest.raises(ValueError, match=advice) as e:
+        loader(write_jsonl(folder / "x.jsonl", rows))
+    assert "\n" not in str(e.value)
+
+
+def test_derive_key_steps_fills_only_missing_ones_and_skips_what_has_none(folder):
+    rows = [rl(),                                                                   # given: kept as is
+            rl(key_steps=None, solution="### Step 1:\nAE = 2, so x = 3.\n\n### The final answer is: 3"),
+            rl(key_steps=[], solution="### Step 1:\nThe red bar is taller.\n\n### The final answer is: yes")]
+    stats = {}
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", rows), stats=stats, derive_key_steps=True)
+    assert out[0]["key_steps"] == GOOD_STEPS
+    assert [g[0] for g in out[1]["key_steps"]["Steps"]] == ["AE = 2", "x = 3"]
+    assert stats["derived_key_steps"] == 1
+    assert stats["skipped"] == {"no derivable key_steps": 1}
 
 
 @pytest.mark.parametrize("loader", [data.load_rl_data, data.load_sft_data])
@@ -96,12 +160,6 @@ def test_unreadable_file_raises(folder, content, error):
         data.load_rl_data(path)
 
 
-def mulberry(question="<image>What is x?", answer="### Step 1:\nx = 3", images=("a.png",),
-             roles=("user", "assistant")):
-    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, (question, answer))],
-            "images": list(images)}
-
-
 def test_sft_loader_reads_mulberry_messages_and_rl_records(folder):
     rows = [mulberry(), rl(image="imgs/b.png", solution="### Step 1:\nx = 3\n\n### The final answer is: 3"),
             mulberry(images=("a.png", "a.png")),           # 3 two images
@@ -112,11 +170,45 @@ def test_sft_loader_reads_mulberry_messages_and_rl_records(folder):
     assert out[0] == {"id": "sft.jsonl:1", "image_path": str(folder / "a.png"),
                       "problem": "What is x?", "response": "### Step 1:\nx = 3"}
     assert out[1]["response"].endswith("### The final answer is: 3")
-    assert stats == {"kept": 2, "skipped": {"missing field": 2, "missing image": 1}}
+    assert stats["skipped"] == {"missing field": 2, "missing image": 1}
+
+
+def sharegpt(*turns):
+    return {"conversations": [{"from": f, "value": v} for f, v in turns], "images": ["a.png"]}
+
+
+@pytest.mark.parametrize("record, system", [
+    ({**mulberry(), "images": "a.png"}, 0),                                           # Mulberry's own: a plain path
+    ({**mulberry(), "messages": [{"role": "system", "content": "Be brief."}] + mulberry()["messages"]}, 1),
+    (sharegpt(("human", "<image>What is x?"), ("gpt", "### Step 1:\nx = 3")), 0),      # LLaMA-Factory ShareGPT
+    (sharegpt(("system", "Be brief."), ("human", "<image>What is x?"), ("gpt", "### Step 1:\nx = 3")), 1),
+])
+def test_sft_loader_accepts_every_llama_factory_form_and_ignores_a_system_turn(folder, record, system):
+    stats = {}
+    out = data.load_sft_data(write_jsonl(folder / "sft.jsonl", [record]), stats=stats)
+    assert out == [{"id": "sft.jsonl:1", "image_path": str(folder / "a.png"), "problem": "What is x?",
+                    "response": "### Step 1:\nx = 3"}]
+    assert stats["system_turns_ignored"] == system
+
+
+# The sentence Mulberry's data construction inserts (REFLECTION_PROMPT), the paper's wording, variants.
+REFLECTIONS = ["I think I have made a mistake. Let me rethink it.", "I made an error in Step 2.",
+               "The previous reasoning step is wrong and let's rethink it again.", "We've made a mistake above.",
+               "The last step was incorrect.", "Rethinking the angle at B:"]
+# Ordinary reasoning, including Mulberry's own section header.
+NOT_REFLECTIONS = ["### Let's think step by step.", "Option B is wrong because AB < BC.",
+                   "A common mistake is to add the angles.", "The previous step gives x = 3.",
+                   "Choice C is incorrect.", "We think of the error bars as the range.", "We made a table."]
+
+
+@pytest.mark.parametrize("sentence, reflective",
+                         [(s, True) for s in REFLECTIONS] + [(s, False) for s in NOT_REFLECTIONS])
+def test_reflective_pattern_finds_self_correction_not_ordinary_reasoning(sentence, reflective):
+    assert bool(data.REFLECTIVE.search(f"### Step 1:\nx = 2\n\n{sentence}\n\n### Step 2:\nx = 3")) == reflective
 
 
 def test_sft_loader_drops_reflective_samples_only_on_request(folder):
-    reflective = ("### Step 1:\nx = 2\n\nThe previous reasoning step is wrong and let's rethink it again."
+    reflective = ("### Step 1:\nx = 2\n\n### Step 2:\nx = 5\n\nI think I have made a mistake. Let me rethink it."
                   "\n\n### Step 2:\nx = 3")
     path = write_jsonl(folder / "sft.jsonl", [mulberry(), mulberry(answer=reflective)])
     assert len(data.load_sft_data(path)) == 2
