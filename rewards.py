@@ -11,18 +11,26 @@ by step. / ### Step 1: ... ### Step n: / ### The final answer is: <answer>, one 
     reward   -- r = r_rar + r_rvr ∈ [0, 2.1], plus the paper's Table 2 ablations and the
                 outcome-only GRPO baseline (`kind`).
 
-Deliberate differences from the official code:
-1. Eq. 2 as written: no answer scores 0. The official code adds α·k regardless (official=True).
-2. Eq. 3 as written: description and rationale must precede the steps. The official code only
-   checks that the headers exist (official=True drops the order check).
-3. Correctness compares letters, numbers and text with our own rules first, then math-verify as
-   verify(gold, prediction). The official code calls verify(prediction, gold): swapped, and
-   math-verify is asymmetric (assignments, intervals).
+Two modes. The default follows the paper's equations. official=True reproduces the reward
+functions of the official repository (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py:
+accuracy_reward and validity_reward), bugs included, so the two can be compared (official_* below).
+
+Deliberate differences of the default mode from the official code:
+1. Eq. 2 as written: no answer scores 0. The official code adds α·k regardless.
+2. Eq. 3 as written: description and rationale precede the steps, each section once and non-empty,
+   one non-empty final answer. The official code checks that four headers exist and that the
+   steps are numbered 1..n before the first answer header (or that the text ends with the header).
+3. The answer is the text after '### The final answer is:' (with \\boxed{}, $...$, option letters,
+   numbers and number words, yes/no sentences compared by our rules), then math-verify as
+   verify(gold, prediction). The official code runs math-verify on the whole completion, as
+   verify(prediction, gold) (swapped; math-verify is asymmetric), so a number anywhere in the
+   steps can count as the answer; then it compares the strings exactly.
 4. Key-step matching is soft (LaTeX ~ plain forms, number words, typos in long words) but a number
    only matches the same whole number; the official substring search finds "12" inside "120".
 5. Several final-answer headers: invalid for Eq. 3; no answer for Eq. 2 if their answers differ.
 6. Bounded work: step text over MAX_STEP_CHARS earns k = 0, answers over MAX_ANSWER_CHARS are
    wrong, math-verify only sees short, tame strings and runs under a timeout (main thread).
+   The official mode is bounded only as the official code is, by math-verify's own timeouts.
 """
 import json
 import math
@@ -155,7 +163,20 @@ def _mv_safe(s):
             and not re.search(r"\^\s*[{(]?\s*-?\d{3}|\^[^^]{0,20}\^|!|binom", s))
 
 
+# Unicode math that latex2sympy does not read: 2√3 -> 2\sqrt{3}, 2π -> 2\pi
+_UNICODE_MATH = [(re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{[^{}]*\})"),
+                  lambda m: "\\sqrt{" + m.group(1).strip("{}") + "}"),
+                 (re.compile(r"π"), lambda m: "\\pi ")]
+
+
+def _latex(s):
+    for pattern, repl in _UNICODE_MATH:
+        s = pattern.sub(repl, s)
+    return s
+
+
 def _math_verify(gold, pred):
+    gold, pred = _latex(gold), _latex(pred)
     if not (_mv_safe(gold) and _mv_safe(pred)):
         return False
     # verify(gold, prediction): math-verify is asymmetric, and the official code swaps the two.
@@ -168,11 +189,25 @@ def _math_verify(gold, pred):
         return False
 
 
+def _word_number(s):
+    """'eight' -> '8': a whole answer that is a number word (not 'one third', not 'eight apples')."""
+    return str(NUM_WORDS.index(s)) if s in NUM_WORDS else s
+
+
+def _yes_no(s):
+    """'yes' for 'yes, the red bar is taller' (likewise 'no'); None if the rest also says the opposite."""
+    m = re.match(r"(yes|no)\s*[,.;:!]\s*(.*)", s, re.S)
+    if not m:
+        return None
+    opposite = "no" if m.group(1) == "yes" else "yes"
+    return None if re.search(r"\b%s\b" % opposite, m.group(2)) else m.group(1)
+
+
 def _same_value(pred, gold):
     p, g = _norm_answer(pred), _norm_answer(gold)
-    if p == g:
+    if p == g or (g in ("yes", "no") and _yes_no(p) == g):
         return True
-    pn, gn = _number(p), _number(g)
+    pn, gn = _number(_word_number(p)), _number(_word_number(g))
     if pn is not None and gn is not None:
         # relative tolerance 1e-6: 2 == 2.0 and 1/3 == 0.333333, never 12 == 120
         return any(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a in pn for b in gn)
@@ -183,8 +218,10 @@ def is_correct(prediction, ground_truth):
     """Whether a predicted answer equals the ground truth (a bare answer or a reference path).
 
     Option letters compare as letters ('(B)', 'B: 8' vs 'B'), a letter with content also as its
-    content ('B: 8' vs '8'); 'A, B, C, D' is no letter, so wrong. Numbers compare as values, LaTeX
-    and expressions through math-verify, text case-insensitively.
+    content ('B: 8' vs '8'); 'A, B, C, D' is no letter, so wrong. Numbers compare as values (a lone
+    number word too: 'eight' = 8), LaTeX and expressions through math-verify (2√3 read as
+    2\\sqrt{3}), text case-insensitively; a gold 'yes' or 'no' also accepts a sentence that opens
+    with it ('Yes, the red bar is taller.') unless the sentence also says the opposite.
     """
     pred, gold = _as_answer(prediction), _as_answer(ground_truth)
     if not pred or not gold or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
@@ -255,7 +292,9 @@ def validate_key_steps(key_steps, where=""):
     """Either accepted key-step format -> list of groups of alternative strings; ValueError if malformed.
 
     Accepts {"Steps": [[alt, ...], ...]}, a list of strings or lists of strings, or either as JSON.
-    Empty alternatives are dropped: "" is a substring of everything.
+    Empty alternatives are dropped: "" is a substring of everything. A group that is empty, null or
+    only empty strings stays as [], never found but counted in k's denominator (so an annotation
+    error costs k, never inflates it); the official code counts [] the same way, and fails on null.
     """
     at = f" ({where})" if where else ""
     if isinstance(key_steps, str):
@@ -272,19 +311,17 @@ def validate_key_steps(key_steps, where=""):
                          f"got {type(key_steps).__name__}")
     groups = []
     for i, group in enumerate(key_steps):
-        alts = group if isinstance(group, (list, tuple)) else [group]
+        alts = [] if group is None else group if isinstance(group, (list, tuple)) else [group]
         if not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in alts):
             raise ValueError(f"key_steps{at}: group {i} must be a string or a list of strings, got {group!r:.80}")
-        alts = [str(a).strip() for a in alts if str(a).strip()]
-        if not alts:
-            raise ValueError(f"key_steps{at}: group {i} has no non-empty alternative")
-        groups.append(alts)
+        groups.append([str(a).strip() for a in alts if str(a).strip()])
     return groups
 
 
 def match_key_steps(reasoning, key_steps):
     """(k, matched): k of Eq. 2 = #(groups with an alternative found) / #groups; matched holds per
-    group the first alternative found, or None. key_steps None or no groups give k = 0.
+    group the first alternative found, or None. key_steps None or no groups give k = 0; an empty
+    group is never found.
 
     Only the '### Step N:' bodies are searched, as in the official code: key steps pasted into the
     description, the rationale or after the answer must not count. Step text over MAX_STEP_CHARS
@@ -300,15 +337,112 @@ def match_key_steps(reasoning, key_steps):
     return sum(m is not None for m in matched) / len(groups), matched
 
 
-# ---------------------------------------------------------------------------- Eq. 2 and Eq. 3
-def step_rar(completion, solution, key_steps, alpha=ALPHA, official=False):
-    """Paper Eq. 2 (StepRAR): r = 1 + α·k if the answer is correct, α·k if wrong, 0 if no answer.
-    official=True reproduces the official code, which adds α·k even when there is no answer."""
-    answer = extract_answer(completion)
-    k, _ = match_key_steps(completion, key_steps)
-    if answer is None and not official:
+# ---------------------------------------------------------------------------- the official code (official=True)
+# The official accuracy_reward and validity_reward (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py),
+# rewritten step by step. Every quirk below is the official code's, kept on purpose.
+_OFFICIAL_HEADERS = ("### Image Description:", "### Rationales:", "### Step 1:", "### The final answer is:")
+_OFFICIAL_STEP = re.compile(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", re.S)   # body: up to the next "\n###"
+_OFFICIAL_STEP_HEAD = re.compile(r"### Step (\d+):")
+_OFFICIAL_ANSWER = re.compile(r"### The final answer is:\s*\n?(.*)")
+
+
+def official_answer(text):
+    """The official string answer: the rest of the line after the first '### The final answer is:'
+    (whitespace and blank lines after the header skipped), stripped, nothing else removed; without
+    the header, the whole text stripped. The official code applies it to the solution too."""
+    m = _OFFICIAL_ANSWER.search(text)
+    return m.group(1).strip() if m else text.strip()
+
+
+def official_correct(completion, solution):
+    """The official correctness test, in its order:
+    1. math-verify on the whole completion: verify(parse(completion), parse(solution)) with the
+       library's defaults (LaTeX and plain expressions; 5 s timeouts). parse keeps one expression:
+       the rightmost after 'final answer ... is' or in \\boxed{}, else after 'answer', else the
+       last number or $...$ anywhere. So the steps' last number is the answer when the answer
+       section is missing, '8 or 9' is read as 8, and undelimited LaTeX such as 2\\sqrt{3} as 2.
+       The completion sits in verify's gold slot; math-verify is asymmetric, so an inequality
+       answer is right against an interval solution, not the reverse. A timeout or any error
+       counts as 'not equal'.
+    2. Failing that, exact equality of official_answer(completion) and official_answer(solution):
+       no case folding, option letters or LaTeX, so '(C)', 'c' and 'Yes.' are wrong against 'C' / 'Yes'.
+    math-verify's timeouts are signal alarms, main thread only: elsewhere the official call raises,
+    which would leave only step 2, so off the main thread we call it without timeouts instead.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    no_alarm = ({}, {}) if main else ({"parsing_timeout": None}, {"timeout_seconds": None})
+    try:
+        if float(verify(parse(completion, **no_alarm[0]), parse(solution, **no_alarm[0]), **no_alarm[1])) > 0:
+            return True
+    except Exception:
+        pass
+    try:
+        return official_answer(completion) == official_answer(solution)
+    except Exception:   # a solution that is no string
+        return False
+
+
+def official_key_steps(completion, key_steps):
+    """(k, matched) as the official code counts key steps: the '### Step N:' bodies (exact header
+    spelling; a body ends at the next line starting with '###') joined by spaces and lowercased;
+    a group is found if one alternative, lowercased, is a substring: '12' is found in '120', and an
+    empty alternative is found even in no text. Alternatives are not stripped. Empty groups are
+    never found and count in the denominator ([] as in the official code; null, on which the
+    official code fails, likewise). Malformed key_steps raise as in validate_key_steps."""
+    if key_steps is None:
+        return 0.0, []
+    validate_key_steps(key_steps)
+    raw = json.loads(key_steps) if isinstance(key_steps, str) else key_steps
+    raw = raw["Steps"] if isinstance(raw, dict) else raw
+    groups = [[] if g is None else list(g) if isinstance(g, (list, tuple)) else [g] for g in raw]
+    text = " ".join(_OFFICIAL_STEP.findall(completion)).lower()
+    matched = [next((a for a in alts if str(a).lower() in text), None) for alts in groups]
+    return (sum(m is not None for m in matched) / len(groups) if groups else 0.0), matched
+
+
+def official_validity(text):
+    """The official validity reward, 1.0 or 0.0:
+    complete -- '### Image Description:', '### Rationales:', '### Step 1:' and '### The final answer
+                is:' occur somewhere (case and spacing exact); nothing is checked about their order,
+                count or content: empty sections, repeated answers and sections after the answer pass.
+    logical  -- the first answer header starts after the end of the last '### Step N:' header,
+                except that a text ending in an empty answer header skips this check (so it passes
+                with no answer and with the answer before the steps); and the step numbers, in
+                order of appearance, are exactly 1, 2, ..., n.
+    """
+    if not all(header in text for header in _OFFICIAL_HEADERS):
         return 0.0
-    return (1.0 if is_correct(answer, solution) else 0.0) + alpha * k
+    if not text.strip().endswith(_OFFICIAL_HEADERS[3]):
+        last_step_end = [m.end() for m in _OFFICIAL_STEP_HEAD.finditer(text)][-1]   # "### Step 1:" is there
+        if text.index(_OFFICIAL_HEADERS[3]) < last_step_end:
+            return 0.0
+    numbers = [int(n) for n in _OFFICIAL_STEP_HEAD.findall(text)]
+    return 1.0 if numbers == list(range(1, len(numbers) + 1)) else 0.0
+
+
+# ---------------------------------------------------------------------------- Eq. 2 and Eq. 3
+def _judge(text, solution, key_steps, official):
+    """(answer, correct, k, matched) of one completion, by our rules or by the official code's."""
+    if official:
+        answer = official_answer(text) if _OFFICIAL_ANSWER.search(text) else None
+        return (answer, official_correct(text, solution)) + official_key_steps(text, key_steps)
+    answer = extract_answer(text)
+    return (answer, answer is not None and is_correct(answer, solution)) + match_key_steps(text, key_steps)
+
+
+def _rar(answer, correct, k, alpha, official):
+    return 0.0 if answer is None and not official else (1.0 if correct else 0.0) + alpha * k
+
+
+def step_rar(completion, solution, key_steps, alpha=ALPHA, official=False):
+    """Paper Eq. 2 (StepRAR): r = 1 + α·k if the answer is correct, α·k if wrong, 0 if there is none.
+
+    official=True computes the official accuracy reward instead: 1 if official_correct else 0, plus
+    α·k with k from official_key_steps, also when there is no answer (the official α is 0.1 = ALPHA).
+    """
+    text = completion if isinstance(completion, str) else ""
+    answer, correct, k, _ = _judge(text, solution, key_steps, official)
+    return _rar(answer, correct, k, alpha, official)
 
 
 def step_rvr(completion, official=False):
@@ -316,9 +450,11 @@ def step_rvr(completion, official=False):
 
     Complete: one non-empty description, one non-empty rationale, non-empty steps, exactly one
     final-answer header with a non-empty answer. Logical: description, rationale (optional "Let's
-    think step by step."), steps numbered 1..n in order, the answer last. official=True drops
-    the description/rationale order check, as the official code does.
+    think step by step."), steps numbered 1..n in order, the answer last.
+    official=True computes the official validity reward instead (official_validity).
     """
+    if official:
+        return official_validity(completion if isinstance(completion, str) else "")
     secs = _sections(completion) if isinstance(completion, str) else []
     kinds = [kind for kind, _, _ in secs]
     steps = [i for i, kind in enumerate(kinds) if kind == "step"]
@@ -331,7 +467,7 @@ def step_rvr(completion, official=False):
     numbered = [secs[i][1] for i in steps] == list(range(1, len(steps) + 1))
     head = [kinds.index("desc"), kinds.index("rat")] + ([kinds.index("think")] if "think" in kinds else [])
     contiguous = steps == list(range(steps[0], steps[-1] + 1))
-    in_order = official or (head == sorted(head) and head[-1] < steps[0] and contiguous)
+    in_order = head == sorted(head) and head[-1] < steps[0] and contiguous
     return 1.0 if numbered and kinds[-1] == "answer" and in_order else 0.0
 
 
@@ -340,17 +476,17 @@ def reward(completion, sample, kind="step", alpha=ALPHA, official=False):
 
     kind: "step" = StepRAR + StepRVR (StepGRPO), "steprar" / "steprvr" = one of them (Table 2
     ablations), "outcome" = 1 if the answer is correct else 0 (the GRPO baseline).
+    official=True: every part as the official code computes it (official_correct,
+    official_key_steps, official_validity); "step" is then the official total, accuracy + validity,
+    and "answer" is official_answer, or None without an answer header.
     Returns {"total", "step_rar", "step_rvr", "correct", "answer", "k", "matched"}. Malformed
     key_steps raise ValueError (the data loader validates them at load time).
     """
     if kind not in KINDS:
         raise ValueError(f"reward kind {kind!r}: expected one of {KINDS}")
     text, sample = completion if isinstance(completion, str) else "", sample or {}
-    solution, key_steps = sample.get("solution"), sample.get("key_steps")
-    answer = extract_answer(text)
-    correct = answer is not None and is_correct(answer, solution)
-    k, matched = match_key_steps(text, key_steps)
-    rar = step_rar(text, solution, key_steps, alpha, official)
+    answer, correct, k, matched = _judge(text, sample.get("solution"), sample.get("key_steps"), official)
+    rar = _rar(answer, correct, k, alpha, official)
     rvr = step_rvr(text, official)
     total = {"step": rar + rvr, "outcome": float(correct), "steprar": rar, "steprvr": rvr}[kind]
     return {"total": total, "step_rar": rar, "step_rvr": rvr, "correct": correct,

@@ -5,8 +5,8 @@ import time
 import pytest
 
 from data import key_steps_from_solution
-from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, reward, step_rar, step_rvr,
-                     validate_key_steps)
+from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, official_key_steps, reward,
+                     step_rar, step_rvr, validate_key_steps)
 
 DESC = "### Image Description:\nA basket with 3 red apples and 5 green apples."
 RAT = "### Rationales:\nCount the apples of each colour, then add them."
@@ -42,9 +42,9 @@ def test_step_rar_follows_eq2(completion, solution, expected):
 
 
 def test_no_answer_scores_zero_but_official_adds_alpha_k():
-    no_answer = fmt(DESC, RAT, S1, S2, S3)
+    no_answer = fmt(DESC, RAT, S1, S2, "### Step 3:\nSo 9 remain.")   # k = 1/2; its last number is wrong
     assert step_rar(no_answer, "8", KEY) == 0.0
-    assert step_rar(no_answer, "8", KEY, official=True) == pytest.approx(ALPHA)
+    assert step_rar(no_answer, "8", KEY, official=True) == pytest.approx(ALPHA / 2)
 
 
 def test_alpha_scales_the_key_step_term():
@@ -74,15 +74,15 @@ S2_FIRST = "### Step 2:\nAdding them gives 3 + 5 = 8."
     ("steps starting at 2", fmt(DESC, RAT, S2, S3, ANS), 0.0, 0.0),
     ("a step number repeated", fmt(DESC, RAT, S1, S1, ANS), 0.0, 0.0),
     ("no final answer", fmt(DESC, RAT, S1, S2), 0.0, 0.0),
-    ("empty final answer", fmt(DESC, RAT, S1, "### The final answer is:"), 0.0, 0.0),
+    ("empty final answer", fmt(DESC, RAT, S1, "### The final answer is:"), 0.0, 1.0),
     ("empty step", fmt(DESC, RAT, "### Step 1:", S2.replace("2", "1", 1), ANS), 0.0, 0.0),
-    ("empty description", fmt("### Image Description:", RAT, S1, ANS), 0.0, 0.0),
-    ("answer header twice, same answer", fmt(DESC, RAT, S1, ANS, ANS), 0.0, 0.0),
-    ("answer header twice, different answers", fmt(DESC, RAT, S1, ANS, "### The final answer is: 9"), 0.0, 0.0),
-    ("two descriptions", fmt(DESC, DESC, RAT, S1, ANS), 0.0, 0.0),
+    ("empty description", fmt("### Image Description:", RAT, S1, ANS), 0.0, 1.0),
+    ("answer header twice, same answer", fmt(DESC, RAT, S1, ANS, ANS), 0.0, 1.0),
+    ("answer header twice, different answers", fmt(DESC, RAT, S1, ANS, "### The final answer is: 9"), 0.0, 1.0),
+    ("two descriptions", fmt(DESC, DESC, RAT, S1, ANS), 0.0, 1.0),
     ("rationale after the steps", fmt(DESC, S1, S2, RAT, ANS), 0.0, 1.0),
     ("description after the rationale", fmt(RAT, DESC, S1, ANS), 0.0, 1.0),
-    ("only headers", ONLY_HEADERS, 0.0, 0.0),
+    ("only headers", ONLY_HEADERS, 0.0, 1.0),
     ("", "", 0.0, 0.0),
 ])
 def test_step_rvr_follows_eq3(name, completion, expected, official):
@@ -144,6 +144,14 @@ REF_PATH = fmt(DESC, RAT, S1, S2, "### The final answer is: B: 8")
     ("\\sqrt{3}", "\\sqrt{2}", False), ("2\\pi", "\\pi", False),
     # text
     ("Yes", "yes", True), ("yes.", "Yes", True), ("Red apple", "red  apple", True),
+    # a lone number word, Unicode roots, a yes/no sentence; never a hedge or a longer phrase
+    ("eight", "8", True), ("8", "Eight", True), ("Eight.", "8", True), ("B: eight", "8", True),
+    ("eight", "9", False), ("one third", "1", False),
+    ("2√3", "2\\sqrt{3}", True), ("2\\sqrt{3}", "2√3", True), ("√3/2", "\\frac{\\sqrt{3}}{2}", True),
+    ("2π", "2\\pi", True), ("2√3", "2\\sqrt{2}", False), ("2√3", "2", False),
+    ("Yes, the red bar is taller.", "yes", True), ("No, there is no red bar.", "no", True),
+    ("Yes, the red bar is taller.", "no", False), ("No, the red bar is taller.", "yes", False),
+    ("Yes, no.", "yes", False), ("Yes. No.", "yes", False), ("yes or no", "yes", False),
     ("no", "yes", False), ("blue", "red", False), ("on", "no", False), ("ab", "ba", False),
     ("5 or more", "5", False), ("5 to 6", "5", False),
     # no answer
@@ -262,14 +270,104 @@ def test_reward_reports_its_parts():
                  "correct": True, "answer": "8", "k": 1.0, "matched": ["3 + 5 = 8", "8 apples"]}
 
 
-def test_official_variant_differs_only_where_documented():
-    no_answer = fmt(DESC, RAT, S1, S2, S3)
-    rationale_late = fmt(DESC, S1, S2, S3, RAT, ANS)
-    assert reward(no_answer, SAMPLE)["total"] == 0.0
-    assert reward(no_answer, SAMPLE, official=True)["total"] == pytest.approx(ALPHA)
-    assert reward(rationale_late, SAMPLE)["step_rvr"] == 0.0
-    assert reward(rationale_late, SAMPLE, official=True)["step_rvr"] == 1.0
+def test_both_modes_agree_on_a_good_completion():
     assert reward(GOOD, SAMPLE, official=True) == reward(GOOD, SAMPLE)
+
+
+# ---------------------------------------------------------------------------- official=True: the official code
+NO_NUMBERS = "### Step 1:\nCount the apples."
+
+
+def answered(answer):
+    """A well-formed completion whose only number, if any, is in its answer."""
+    return fmt(DESC, RAT, NO_NUMBERS, f"### The final answer is: {answer}")
+
+
+# completion, solution, key_steps, (step_rar, step_rvr) official, (step_rar, step_rvr) paper
+OFFICIAL = [
+    # correctness: math-verify on the whole completion, completion in verify's gold slot
+    pytest.param(fmt(DESC, RAT, S1, S2, S3), "8", KEY, (1 + ALPHA, 0.0), (0.0, 0.0),
+                 id="math-verify reads the steps' last number when there is no answer section"),
+    pytest.param(fmt(DESC, RAT, S1, S2, S3, "### The final answer is: 8 or 9"), "8", KEY, (1 + ALPHA, 1.0),
+                 (ALPHA, 1.0), id="math-verify accepts the hedge '8 or 9'"),
+    pytest.param(answered("$1 \\le x \\le 2$"), "$[1, 2]$", KEY, (1.0, 1.0), (0.0, 1.0),
+                 id="verify(completion, solution): an inequality is right against its interval"),
+    pytest.param(answered("$[1, 2]$"), "$1 \\le x \\le 2$", KEY, (0.0, 1.0), (1.0, 1.0),
+                 id="verify(completion, solution): an interval is wrong against its inequality"),
+    pytest.param(answered("2√3"), "2\\sqrt{2}", KEY, (1.0, 1.0), (0.0, 1.0),
+                 id="parse reads only the 2 of 2√3 and of an undelimited 2 sqrt 2"),
+    pytest.param(answered("$2\\sqrt{3}$"), "2\\sqrt{3}", KEY, (0.0, 1.0), (1.0, 1.0),
+                 id="a delimited root is wrong against the same root undelimited"),
+    # correctness: then exact strings after the first answer header
+    pytest.param(answered("(C)"), "C", KEY, (0.0, 1.0), (1.0, 1.0), id="exact strings: (C) is wrong against C"),
+    pytest.param(answered("c"), "C", KEY, (0.0, 1.0), (1.0, 1.0), id="exact strings: c is wrong against C"),
+    pytest.param(answered("Yes."), "Yes", KEY, (0.0, 1.0), (1.0, 1.0), id="exact strings: Yes. is wrong against Yes"),
+    pytest.param(answered("eight"), "8", KEY, (0.0, 1.0), (1.0, 1.0), id="exact strings: eight is wrong against 8"),
+    pytest.param(answered("Yes, the red bar is taller."), "yes", KEY, (0.0, 1.0), (1.0, 1.0),
+                 id="exact strings: a yes sentence is wrong against yes"),
+    pytest.param(fmt(DESC, RAT, NO_NUMBERS, "### The final answer is:\n\nC"), "C", KEY, (1.0, 1.0), (1.0, 1.0),
+                 id="the answer may stand lines below its header"),
+    pytest.param(answered("C"), answered("C"), KEY, (1.0, 1.0), (1.0, 1.0),
+                 id="a reference path as solution gives the text after its header"),
+    pytest.param("", "", KEY, (1.0, 0.0), (0.0, 0.0), id="an empty completion equals an empty solution"),
+    # key steps: lowercase substrings of the '### Step N:' bodies
+    pytest.param(steps("The value is 120."), "5", {"Steps": [["12"]]}, (ALPHA, 0.0), (0.0, 0.0),
+                 id="substring search: 12 is found in 120, even without an answer"),
+    pytest.param(fmt(DESC, RAT, "### Step 1:\nThe RED BAR is taller.", ANS), "9", {"Steps": [["red bar"]]},
+                 (ALPHA, 1.0), (ALPHA, 1.0), id="lowercase substring: red bar is found in RED BAR"),
+    pytest.param(fmt(DESC, RAT, "### Step1:\n3 + 5 = 8 apples", ANS), "9", KEY, (0.0, 0.0), (ALPHA, 1.0),
+                 id="exact header spelling: a '### Step1:' body is not searched"),
+    pytest.param(fmt(DESC, RAT, "### Step 1:\nCount.\n### Note: 3 + 5 = 8 apples", ANS), "9", KEY, (0.0, 1.0),
+                 (ALPHA, 1.0), id="a step body ends at the next line starting with ###"),
+    pytest.param(answered("9"), "8", {"Steps": [[""], ["zzz"]]}, (ALPHA / 2, 1.0), (0.0, 1.0),
+                 id="an empty alternative is found in any text"),
+    # validity: four headers somewhere, steps 1..n before the first answer header
+    pytest.param(fmt(DESC, RAT, S1, "### The final answer is:"), "9", KEY, (0.0, 1.0), (0.0, 0.0),
+                 id="a text ending in an empty answer header is valid"),
+    pytest.param(fmt(DESC, RAT, "### The final answer is: 9", S1, S2, "### The final answer is:"), "8", KEY,
+                 (ALPHA / 2, 1.0), (0.0, 0.0), id="an empty answer header at the end skips the order check"),
+    pytest.param(fmt(DESC, RAT, S1, ANS, "### The final answer is: 9"), "8", KEY, (1.0, 1.0), (0.0, 0.0),
+                 id="several answers are valid; math-verify reads the last, the string test the first"),
+    pytest.param(fmt(DESC, RAT, S1, ANS, RAT), "8", KEY, (1.0, 1.0), (1.0, 0.0),
+                 id="a section after the answer is valid"),
+    pytest.param(fmt("### Image Description:", RAT, S1, ANS), "8", KEY, (1.0, 1.0), (1.0, 0.0),
+                 id="an empty section is valid"),
+    pytest.param(fmt(DESC, S1, S2, S3, RAT, ANS), "8", KEY, (1 + ALPHA, 1.0), (1 + ALPHA, 0.0),
+                 id="the rationale after the steps is valid"),
+    pytest.param(fmt(DESC, "### Rationale:\nCount.", S1, ANS), "8", KEY, (1.0, 0.0), (1.0, 1.0),
+                 id="exact header spelling: '### Rationale:' is invalid"),
+    pytest.param(fmt(DESC, RAT, "### Step 1.\n3 + 5 = 8", ANS), "8", KEY, (1.0, 0.0), (1 + ALPHA / 2, 1.0),
+                 id="exact header spelling: '### Step 1.' is no step"),
+    pytest.param(fmt(DESC, RAT, S1, "### the final answer is: 8"), "8", KEY, (1.0, 0.0), (1.0, 1.0),
+                 id="exact header spelling: a lowercase answer header is invalid"),
+    pytest.param(fmt(DESC, RAT, S1, ANS, S2), "8", KEY, (1 + ALPHA / 2, 0.0), (1 + ALPHA / 2, 0.0),
+                 id="a step after the first answer header is invalid"),
+]
+
+
+@pytest.mark.parametrize("completion, solution, key_steps, official, paper", OFFICIAL)
+def test_official_mode_is_the_official_code(completion, solution, key_steps, official, paper):
+    sample = {"solution": solution, "key_steps": key_steps}
+    for mode, expected in ((True, official), (False, paper)):
+        r = reward(completion, sample, official=mode)
+        assert (r["step_rar"], r["step_rvr"]) == pytest.approx(expected), "official" if mode else "paper"
+        assert r["total"] == pytest.approx(sum(expected))
+
+
+@pytest.mark.parametrize("kind, expected", [("step", 1 + ALPHA), ("steprar", 1 + ALPHA), ("steprvr", 0.0),
+                                            ("outcome", 1.0)])
+def test_official_mode_keeps_the_reward_kinds(kind, expected):
+    no_answer = fmt(DESC, RAT, S1, S2, S3)   # right by math-verify, invalid by its missing answer header
+    assert reward(no_answer, SAMPLE, kind=kind, official=True)["total"] == pytest.approx(expected)
+
+
+def test_official_mode_off_the_main_thread_scores_the_same():
+    cases = [(fmt(DESC, RAT, S1, S2, S3), SAMPLE), (answered("2√3"), {"solution": "2\\sqrt{2}", "key_steps": KEY})]
+    out = []
+    worker = threading.Thread(target=lambda: out.extend(reward(c, s, official=True) for c, s in cases))
+    worker.start()
+    worker.join(30)
+    assert out == [reward(c, s, official=True) for c, s in cases]
 
 
 def test_unknown_reward_kind_is_an_error():
@@ -328,6 +426,13 @@ def test_no_exception_escapes_reward(completion, sample):
     assert 0.0 <= r["total"] <= 2 + ALPHA and not r["correct"]
 
 
+@pytest.mark.parametrize("completion", WEIRD, ids=range(len(WEIRD)))
+def test_no_exception_escapes_official_reward(completion):
+    r = reward(completion, SAMPLE, official=True)
+    assert set(r) == {"total", "step_rar", "step_rvr", "correct", "answer", "k", "matched"}
+    assert 0.0 <= r["total"] <= 2 + ALPHA
+
+
 # ---------------------------------------------------------------------------- validate_key_steps
 @pytest.mark.parametrize("key_steps, expected", [
     ({"Steps": [["a = 1", "a is 1"], ["b"]]}, [["a = 1", "a is 1"], ["b"]]),
@@ -335,6 +440,8 @@ def test_no_exception_escapes_reward(completion, sample):
     ('{"Steps": [["x"], ["y", "z"]]}', [["x"], ["y", "z"]]),
     ([[12, "twelve"], [" 3 red ", ""]], [["12", "twelve"], ["3 red"]]),
     ({"Steps": []}, []),
+    ([["a"], [], None, ["", "  "]], [["a"], [], [], []]),   # empty groups stay, to count as not found
+    ('{"Steps": [["a"], null]}', [["a"], []]),
 ])
 def test_validate_key_steps_normalises_both_formats(key_steps, expected):
     assert validate_key_steps(key_steps) == expected
@@ -342,13 +449,22 @@ def test_validate_key_steps_normalises_both_formats(key_steps, expected):
 
 @pytest.mark.parametrize("key_steps, message", [
     (5, "got int"), (None, "got NoneType"), ({"steps": [["a"]]}, "'Steps' key"), ({"Steps": 5}, "got int"),
-    ([["a", None]], "group 0"), ([["a"], []], "group 1 has no"), ([["", "  "]], "group 0 has no"),
+    ([["a", None]], "group 0"),
     ("not json", "not JSON"), ([True], "group 0"), ([{"a": 1}], "group 0"),
 ])
 def test_malformed_key_steps_raise_with_location(key_steps, message):
     with pytest.raises(ValueError, match=message) as err:
         validate_key_steps(key_steps, where="data.jsonl line 12")
     assert "data.jsonl line 12" in str(err.value)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_empty_key_step_groups_are_never_found_but_count(official):
+    key_steps = {"Steps": [["8 apples"], [], None]}
+    match = official_key_steps if official else match_key_steps
+    assert match(GOOD, key_steps) == (pytest.approx(1 / 3), ["8 apples", None, None])
+    r = reward(GOOD, {"solution": "8", "key_steps": key_steps}, official=official)
+    assert r["total"] == pytest.approx(2 + ALPHA / 3)
 
 
 def test_reward_rejects_malformed_key_steps():
