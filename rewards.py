@@ -11,11 +11,11 @@ by step. / ### Step 1: ... ### Step n: / ### The final answer is: <answer>, one 
     reward   -- r = r_rar + r_rvr ∈ [0, 2.1], plus the paper's Table 2 ablations and the
                 outcome-only GRPO baseline (`kind`).
 
-Two modes. The default follows the paper's equations. official=True reproduces the reward
-functions of the official repository (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py:
-accuracy_reward and validity_reward), bugs included, so the two can be compared (official_* below).
+These follow the paper's equations. official.py reproduces the reward functions of the released
+code (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py: accuracy_reward and validity_reward), bugs
+included, so the two can be compared (`train.py --reward_impl official`).
 
-Deliberate differences of the default mode from the official code:
+Deliberate differences from the released code:
 1. Eq. 2 as written: no answer scores 0. The official code adds α·k regardless.
 2. Eq. 3 as written: description and rationale precede the steps, each section once and non-empty,
    one non-empty final answer. The official code checks that four headers exist and that the
@@ -30,7 +30,6 @@ Deliberate differences of the default mode from the official code:
 5. Several final-answer headers: invalid for Eq. 3; no answer for Eq. 2 if their answers differ.
 6. Bounded work: step text over MAX_STEP_CHARS earns k = 0, answers over MAX_ANSWER_CHARS are
    wrong, math-verify only sees short, tame strings and runs under a timeout (main thread).
-   The official mode is bounded only as the official code is, by math-verify's own timeouts.
 """
 import json
 import math
@@ -337,124 +336,27 @@ def match_key_steps(reasoning, key_steps):
     return sum(m is not None for m in matched) / len(groups), matched
 
 
-# ---------------------------------------------------------------------------- the official code (official=True)
-# The official accuracy_reward and validity_reward (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py),
-# rewritten step by step. Every quirk below is the official code's, kept on purpose.
-_OFFICIAL_HEADERS = ("### Image Description:", "### Rationales:", "### Step 1:", "### The final answer is:")
-_OFFICIAL_STEP = re.compile(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", re.S)   # body: up to the next "\n###"
-_OFFICIAL_STEP_HEAD = re.compile(r"### Step (\d+):")
-_OFFICIAL_ANSWER = re.compile(r"### The final answer is:\s*\n?(.*)")
-
-
-def official_answer(text):
-    """The official string answer: the rest of the line after the first '### The final answer is:'
-    (whitespace and blank lines after the header skipped), stripped, nothing else removed; without
-    the header, the whole text stripped. The official code applies it to the solution too."""
-    m = _OFFICIAL_ANSWER.search(text)
-    return m.group(1).strip() if m else text.strip()
-
-
-def official_correct(completion, solution):
-    """The official correctness test, in its order:
-    1. math-verify on the whole completion: verify(parse(completion), parse(solution)) with the
-       library's defaults (LaTeX and plain expressions; 5 s timeouts). parse keeps one expression:
-       the rightmost after 'final answer ... is' or in \\boxed{}, else after 'answer', else the
-       last number or $...$ anywhere. So the steps' last number is the answer when the answer
-       section is missing, '8 or 9' is read as 8, and undelimited LaTeX such as 2\\sqrt{3} as 2.
-       The completion sits in verify's gold slot; math-verify is asymmetric, so an inequality
-       answer is right against an interval solution, not the reverse. A timeout or any error
-       counts as 'not equal'.
-    2. Failing that, exact equality of official_answer(completion) and official_answer(solution):
-       no case folding, option letters or LaTeX, so '(C)', 'c' and 'Yes.' are wrong against 'C' / 'Yes'.
-    math-verify's timeouts are signal alarms, main thread only: elsewhere the official call raises,
-    which would leave only step 2, so off the main thread we call it without timeouts instead.
-    """
-    main = threading.current_thread() is threading.main_thread()
-    no_alarm = ({}, {}) if main else ({"parsing_timeout": None}, {"timeout_seconds": None})
-    try:
-        if float(verify(parse(completion, **no_alarm[0]), parse(solution, **no_alarm[0]), **no_alarm[1])) > 0:
-            return True
-    except Exception:
-        pass
-    try:
-        return official_answer(completion) == official_answer(solution)
-    except Exception:   # a solution that is no string
-        return False
-
-
-def official_key_steps(completion, key_steps):
-    """(k, matched) as the official code counts key steps: the '### Step N:' bodies (exact header
-    spelling; a body ends at the next line starting with '###') joined by spaces and lowercased;
-    a group is found if one alternative, lowercased, is a substring: '12' is found in '120', and an
-    empty alternative is found even in no text. Alternatives are not stripped. Empty groups are
-    never found and count in the denominator ([] as in the official code; null, on which the
-    official code fails, likewise). Malformed key_steps raise as in validate_key_steps."""
-    if key_steps is None:
-        return 0.0, []
-    validate_key_steps(key_steps)
-    raw = json.loads(key_steps) if isinstance(key_steps, str) else key_steps
-    raw = raw["Steps"] if isinstance(raw, dict) else raw
-    groups = [[] if g is None else list(g) if isinstance(g, (list, tuple)) else [g] for g in raw]
-    text = " ".join(_OFFICIAL_STEP.findall(completion)).lower()
-    matched = [next((a for a in alts if str(a).lower() in text), None) for alts in groups]
-    return (sum(m is not None for m in matched) / len(groups) if groups else 0.0), matched
-
-
-def official_validity(text):
-    """The official validity reward, 1.0 or 0.0:
-    complete -- '### Image Description:', '### Rationales:', '### Step 1:' and '### The final answer
-                is:' occur somewhere (case and spacing exact); nothing is checked about their order,
-                count or content: empty sections, repeated answers and sections after the answer pass.
-    logical  -- the first answer header starts after the end of the last '### Step N:' header,
-                except that a text ending in an empty answer header skips this check (so it passes
-                with no answer and with the answer before the steps); and the step numbers, in
-                order of appearance, are exactly 1, 2, ..., n.
-    """
-    if not all(header in text for header in _OFFICIAL_HEADERS):
-        return 0.0
-    if not text.strip().endswith(_OFFICIAL_HEADERS[3]):
-        last_step_end = [m.end() for m in _OFFICIAL_STEP_HEAD.finditer(text)][-1]   # "### Step 1:" is there
-        if text.index(_OFFICIAL_HEADERS[3]) < last_step_end:
-            return 0.0
-    numbers = [int(n) for n in _OFFICIAL_STEP_HEAD.findall(text)]
-    return 1.0 if numbers == list(range(1, len(numbers) + 1)) else 0.0
-
-
 # ---------------------------------------------------------------------------- Eq. 2 and Eq. 3
-def _judge(text, solution, key_steps, official):
-    """(answer, correct, k, matched) of one completion, by our rules or by the official code's."""
-    if official:
-        answer = official_answer(text) if _OFFICIAL_ANSWER.search(text) else None
-        return (answer, official_correct(text, solution)) + official_key_steps(text, key_steps)
+def _judge(text, solution, key_steps):
+    """(answer, correct, k, matched) of one completion."""
     answer = extract_answer(text)
     return (answer, answer is not None and is_correct(answer, solution)) + match_key_steps(text, key_steps)
 
 
-def _rar(answer, correct, k, alpha, official):
-    return 0.0 if answer is None and not official else (1.0 if correct else 0.0) + alpha * k
-
-
-def step_rar(completion, solution, key_steps, alpha=ALPHA, official=False):
-    """Paper Eq. 2 (StepRAR): r = 1 + α·k if the answer is correct, α·k if wrong, 0 if there is none.
-
-    official=True computes the official accuracy reward instead: 1 if official_correct else 0, plus
-    α·k with k from official_key_steps, also when there is no answer (the official α is 0.1 = ALPHA).
-    """
+def step_rar(completion, solution, key_steps, alpha=ALPHA):
+    """Paper Eq. 2 (StepRAR): r = 1 + α·k if the answer is correct, α·k if wrong, 0 if there is none."""
     text = completion if isinstance(completion, str) else ""
-    answer, correct, k, _ = _judge(text, solution, key_steps, official)
-    return _rar(answer, correct, k, alpha, official)
+    answer, correct, k, _ = _judge(text, solution, key_steps)
+    return 0.0 if answer is None else float(correct) + alpha * k
 
 
-def step_rvr(completion, official=False):
+def step_rvr(completion):
     """Paper Eq. 3 (StepRVR): r = 1 if the completion is complete and logical, else 0.
 
     Complete: one non-empty description, one non-empty rationale, non-empty steps, exactly one
     final-answer header with a non-empty answer. Logical: description, rationale (optional "Let's
     think step by step."), steps numbered 1..n in order, the answer last.
-    official=True computes the official validity reward instead (official_validity).
     """
-    if official:
-        return official_validity(completion if isinstance(completion, str) else "")
     secs = _sections(completion) if isinstance(completion, str) else []
     kinds = [kind for kind, _, _ in secs]
     steps = [i for i, kind in enumerate(kinds) if kind == "step"]
@@ -471,23 +373,25 @@ def step_rvr(completion, official=False):
     return 1.0 if numbered and kinds[-1] == "answer" and in_order else 0.0
 
 
-def reward(completion, sample, kind="step", alpha=ALPHA, official=False):
+def reward(completion, sample, kind="step", alpha=ALPHA):
     """Reward of one completion for one sample {"solution", "key_steps"}; never raises on the completion.
 
     kind: "step" = StepRAR + StepRVR (StepGRPO), "steprar" / "steprvr" = one of them (Table 2
     ablations), "outcome" = 1 if the answer is correct else 0 (the GRPO baseline).
-    official=True: every part as the official code computes it (official_correct,
-    official_key_steps, official_validity); "step" is then the official total, accuracy + validity,
-    and "answer" is official_answer, or None without an answer header.
     Returns {"total", "step_rar", "step_rvr", "correct", "answer", "k", "matched"}. Malformed
     key_steps raise ValueError (the data loader validates them at load time).
+    official.reward computes the same parts as the released code does.
     """
     if kind not in KINDS:
         raise ValueError(f"reward kind {kind!r}: expected one of {KINDS}")
     text, sample = completion if isinstance(completion, str) else "", sample or {}
-    answer, correct, k, matched = _judge(text, sample.get("solution"), sample.get("key_steps"), official)
-    rar = _rar(answer, correct, k, alpha, official)
-    rvr = step_rvr(text, official)
+    answer, correct, k, matched = _judge(text, sample.get("solution"), sample.get("key_steps"))
+    rar = 0.0 if answer is None else float(correct) + alpha * k
+    return combine(kind, rar, step_rvr(text), correct, answer, k, matched)
+
+
+def combine(kind, rar, rvr, correct, answer, k, matched):
+    """The reward dict of one completion from its parts; `kind` picks the total."""
     total = {"step": rar + rvr, "outcome": float(correct), "steprar": rar, "steprvr": rvr}[kind]
     return {"total": total, "step_rar": rar, "step_rvr": rvr, "correct": correct,
             "answer": answer, "k": k, "matched": matched}

@@ -4,9 +4,10 @@ import time
 
 import pytest
 
+import official
 from data import key_steps_from_solution
-from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, official_key_steps, reward,
-                     step_rar, step_rvr, validate_key_steps)
+from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, reward, step_rar, step_rvr,
+                     validate_key_steps)
 
 DESC = "### Image Description:\nA basket with 3 red apples and 5 green apples."
 RAT = "### Rationales:\nCount the apples of each colour, then add them."
@@ -44,7 +45,7 @@ def test_step_rar_follows_eq2(completion, solution, expected):
 def test_no_answer_scores_zero_but_official_adds_alpha_k():
     no_answer = fmt(DESC, RAT, S1, S2, "### Step 3:\nSo 9 remain.")   # k = 1/2; its last number is wrong
     assert step_rar(no_answer, "8", KEY) == 0.0
-    assert step_rar(no_answer, "8", KEY, official=True) == pytest.approx(ALPHA / 2)
+    assert official.step_rar(no_answer, "8", KEY) == pytest.approx(ALPHA / 2)
 
 
 def test_alpha_scales_the_key_step_term():
@@ -60,7 +61,7 @@ def test_zero_key_step_groups_give_k_zero():
 S2_FIRST = "### Step 2:\nAdding them gives 3 + 5 = 8."
 
 
-@pytest.mark.parametrize("name, completion, expected, official", [
+@pytest.mark.parametrize("name, completion, expected, released", [
     ("complete and logical", GOOD, 1.0, 1.0),
     ("without the optional think line", fmt(DESC, RAT, S1, ANS), 1.0, 1.0),
     ("answer on the next line", fmt(DESC, RAT, S1, "### The final answer is:\n8"), 1.0, 1.0),
@@ -85,9 +86,9 @@ S2_FIRST = "### Step 2:\nAdding them gives 3 + 5 = 8."
     ("only headers", ONLY_HEADERS, 0.0, 1.0),
     ("", "", 0.0, 0.0),
 ])
-def test_step_rvr_follows_eq3(name, completion, expected, official):
+def test_step_rvr_follows_eq3(name, completion, expected, released):
     assert step_rvr(completion) == expected, name
-    assert step_rvr(completion, official=True) == official, name
+    assert official.step_rvr(completion) == released, name
 
 
 # ---------------------------------------------------------------------------- extract_answer
@@ -271,10 +272,10 @@ def test_reward_reports_its_parts():
 
 
 def test_both_modes_agree_on_a_good_completion():
-    assert reward(GOOD, SAMPLE, official=True) == reward(GOOD, SAMPLE)
+    assert official.reward(GOOD, SAMPLE) == reward(GOOD, SAMPLE)
 
 
-# ---------------------------------------------------------------------------- official=True: the official code
+# ---------------------------------------------------------------------------- official.py: the released code
 NO_NUMBERS = "### Step 1:\nCount the apples."
 
 
@@ -345,11 +346,11 @@ OFFICIAL = [
 ]
 
 
-@pytest.mark.parametrize("completion, solution, key_steps, official, paper", OFFICIAL)
-def test_official_mode_is_the_official_code(completion, solution, key_steps, official, paper):
+@pytest.mark.parametrize("completion, solution, key_steps, released, paper", OFFICIAL)
+def test_official_mode_is_the_official_code(completion, solution, key_steps, released, paper):
     sample = {"solution": solution, "key_steps": key_steps}
-    for mode, expected in ((True, official), (False, paper)):
-        r = reward(completion, sample, official=mode)
+    for mode, expected in ((True, released), (False, paper)):
+        r = (official.reward if mode else reward)(completion, sample)
         assert (r["step_rar"], r["step_rvr"]) == pytest.approx(expected), "official" if mode else "paper"
         assert r["total"] == pytest.approx(sum(expected))
 
@@ -358,16 +359,16 @@ def test_official_mode_is_the_official_code(completion, solution, key_steps, off
                                             ("outcome", 1.0)])
 def test_official_mode_keeps_the_reward_kinds(kind, expected):
     no_answer = fmt(DESC, RAT, S1, S2, S3)   # right by math-verify, invalid by its missing answer header
-    assert reward(no_answer, SAMPLE, kind=kind, official=True)["total"] == pytest.approx(expected)
+    assert official.reward(no_answer, SAMPLE, kind=kind)["total"] == pytest.approx(expected)
 
 
 def test_official_mode_off_the_main_thread_scores_the_same():
     cases = [(fmt(DESC, RAT, S1, S2, S3), SAMPLE), (answered("2√3"), {"solution": "2\\sqrt{2}", "key_steps": KEY})]
     out = []
-    worker = threading.Thread(target=lambda: out.extend(reward(c, s, official=True) for c, s in cases))
+    worker = threading.Thread(target=lambda: out.extend(official.reward(c, s) for c, s in cases))
     worker.start()
     worker.join(30)
-    assert out == [reward(c, s, official=True) for c, s in cases]
+    assert out == [official.reward(c, s) for c, s in cases]
 
 
 def test_unknown_reward_kind_is_an_error():
@@ -428,7 +429,7 @@ def test_no_exception_escapes_reward(completion, sample):
 
 @pytest.mark.parametrize("completion", WEIRD, ids=range(len(WEIRD)))
 def test_no_exception_escapes_official_reward(completion):
-    r = reward(completion, SAMPLE, official=True)
+    r = official.reward(completion, SAMPLE)
     assert set(r) == {"total", "step_rar", "step_rvr", "correct", "answer", "k", "matched"}
     assert 0.0 <= r["total"] <= 2 + ALPHA
 
@@ -458,12 +459,12 @@ def test_malformed_key_steps_raise_with_location(key_steps, message):
     assert "data.jsonl line 12" in str(err.value)
 
 
-@pytest.mark.parametrize("official", [False, True])
-def test_empty_key_step_groups_are_never_found_but_count(official):
+@pytest.mark.parametrize("released", [False, True], ids=["paper", "official"])
+def test_empty_key_step_groups_are_never_found_but_count(released):
     key_steps = {"Steps": [["8 apples"], [], None]}
-    match = official_key_steps if official else match_key_steps
+    match = official.official_key_steps if released else match_key_steps
     assert match(GOOD, key_steps) == (pytest.approx(1 / 3), ["8 apples", None, None])
-    r = reward(GOOD, {"solution": "8", "key_steps": key_steps}, official=official)
+    r = (official.reward if released else reward)(GOOD, {"solution": "8", "key_steps": key_steps})
     assert r["total"] == pytest.approx(2 + ALPHA / 3)
 
 
