@@ -1,18 +1,21 @@
-"""evaluate.py / eval_benchmarks.py as a specification: published aggregates recomputed from the
+"""evaluate.py / benchmarks.py / scorers.py / latex_value.py as a specification: published aggregates recomputed from the
 published model outputs in shared/benchmarks, loaders on files built in every format, the rule
 scorers, and the command line in score-only and generation mode."""
 import base64
 import csv
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-import eval_benchmarks as eb
+import benchmarks as bm
 import evaluate as ev
+import scorers as sc
+from latex_value import latex_value
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/benchmarks is not beside the repository")
@@ -58,7 +61,7 @@ MATHV_RUNS = ["Random-Chance", "closed-source/Gemini/Gemini-Pro-CoT", "closed-so
 
 @pytest.fixture(scope="module")
 def mathvision_test():
-    return eb.load("mathvision", SHARED / "mathvision/data/test.jsonl")
+    return bm.load("mathvision", SHARED / "mathvision/data/test.jsonl")
 
 
 @needs_shared
@@ -82,7 +85,7 @@ MATHVISTA_RUNS = {"bard/output_bard.json": (34.8, 33.7), "idefics/output_idefics
 
 @pytest.fixture(scope="module")
 def mathvista_mini():
-    return eb.load("mathvista", SHARED / "mathvista/data/testmini.json")
+    return bm.load("mathvista", SHARED / "mathvista/data/testmini.json")
 
 
 @needs_shared
@@ -90,7 +93,7 @@ def mathvista_mini():
 def test_mathvista_official_extractions_reproduce_scores_files(run, mathvista_mini):
     """The official normalisation applied to the stored GPT-4 `extraction` gives scores_*.json exactly."""
     out = json.loads((SHARED / "mathvista/results" / run).read_text())
-    flags = [eb.score_mathvista(r, out[r["id"]]["extraction"], extracted=True) for r in mathvista_mini]
+    flags = [sc.score_mathvista(r, out[r["id"]]["extraction"], extracted=True) for r in mathvista_mini]
     m = ev.metrics("mathvista", mathvista_mini, flags)
     official = json.loads((SHARED / "mathvista/results" / run.replace("output_", "scores_")).read_text())
     assert (m["accuracy"], m["correct"]) == (float(official["average"]["accuracy"]), official["average"]["correct"])
@@ -108,6 +111,19 @@ def test_mathvista_rule_extraction_within_3_points_of_gpt4(run, mathvista_mini):
     official, ours = MATHVISTA_RUNS[run]
     assert m["accuracy"] == ours
     assert abs(m["accuracy"] - official) <= 3.0
+
+
+@needs_shared
+@pytest.mark.parametrize("run", MATHVISTA_RUNS)
+def test_mathvista_cli_extracted_reproduces_official_scores(run, tmp_path, capsys):
+    """--extracted scores GPT-4's `extraction` field as calculate_score.py: the scores file's accuracy exactly."""
+    out = json.loads((SHARED / "mathvista/results" / run).read_text())
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": pid, "prediction": r["extraction"]} for pid, r in out.items()])
+    ev.main(["--bench", "mathvista", "--data", str(SHARED / "mathvista/data/testmini.json"),
+             "--predictions", str(preds), "--extracted"])
+    official = json.loads((SHARED / "mathvista/results" / run.replace("output_", "scores_")).read_text())["average"]
+    m = last_json_line(capsys)["metrics"]
+    assert (m["accuracy"], m["correct"]) == (float(official["accuracy"]), official["correct"])
 
 
 @needs_shared
@@ -168,12 +184,12 @@ def test_hallusionbench_sample_predictions_scored_against_the_dataset():
     gt = {key(r): r["gt_answer"] for r in json.loads((SHARED / "hallusionbench/HallusionBench.json").read_text())}
     sample = json.loads((SHARED / "hallusionbench/HallusionBench_result_sample.json").read_text())
     recs = [dict(hb(*key(r)), answer="yes" if gt[key(r)] == "1" else "no") for r in sample]
-    flags = [eb.score_hallusionbench(rec, r["model_prediction"]) for rec, r in zip(recs, sample)]
+    flags = [sc.score_hallusionbench(rec, r["model_prediction"]) for rec, r in zip(recs, sample)]
     m = ev.metrics("hallusionbench", recs, flags)
-    assert len(recs) == 254 and m["aAcc"] == ev.pct(sum(flags), 254)
+    assert len(recs) == 254 and m["aAcc"] == bm.pct(sum(flags), 254)
     assert m["mean_aAcc_fAcc_qAcc"] == round((m["aAcc"] + m["fAcc"] + m["qAcc"]) / 3, 2)
     assert m == {"aAcc": 51.57, "fAcc": 20.29, "qAcc": 19.66, "mean_aAcc_fAcc_qAcc": 30.51}
-    assert sum(eb.yes_no(r["model_prediction"]) is None for r in sample) == 49   # neither yes nor no: wrong
+    assert sum(sc.yes_no(r["model_prediction"]) is None for r in sample) == 49   # neither yes nor no: wrong
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -189,16 +205,16 @@ def test_tsv_loader_decodes_base64_index_references_and_image_lists(tmp_path):
             mcq_row(12, str([a, b]), A="1", B="2", C="", D=""),          # a list of images
             mcq_row(13, "99", A="1", B="2", C="", D=""),                # a reference to no row
             mcq_row(14, "x" * 80, A="1", B="2", C="", D="")]            # not base64
-    recs = eb.load("mmstar", write_tsv(tmp_path / "MMStar.tsv", rows))
+    recs = bm.load("mmstar", write_tsv(tmp_path / "MMStar.tsv", rows))
     assert [r["id"] for r in recs] == ["10", "11", "12", "13", "14"] and recs[0]["options"] == ["red", "blue"]
     assert ev.open_image(recs[1]["images"]).size == (8, 6)
     assert ev.open_image(recs[2]["images"]).size == (13, 9)             # pasted side by side
     for bad in recs[3:]:
         with pytest.raises(ValueError):
             ev.open_image(bad["images"])
-    assert ev.question_text(recs[0], "plain") == (
+    assert bm.question_text(recs[0], "plain") == (
         "Question: Q10?\nOptions:\nA. red\nB. blue\nPlease select the correct answer from the options above.")
-    assert ev.question_text(recs[0], "r1vl") == (
+    assert bm.question_text(recs[0], "r1vl") == (
         "Q10?\nChoices:\nA: red\nB: blue\nPlease select the correct answer from the choices above.")
 
 
@@ -211,17 +227,17 @@ def test_parquet_loader_reads_image_bytes(tmp_path):
             dict(common, pid="8", query="Q8", choices=["1.5", "2.5"], answer="2.5", question_type="multi_choice",
                  answer_type="text", metadata={"task": "FQA"})]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "testmini-00000.parquet")
-    recs = eb.load("mathvista", tmp_path)
+    recs = bm.load("mathvista", tmp_path)
     assert [r["id"] for r in recs] == ["7", "8"] and recs[0]["question"].startswith("Hint")
     assert ev.open_image(recs[0]["images"]).size == (8, 6)
-    assert eb.score_mathvista(recs[0], "There are 3.") and eb.score_mathvista(recs[1], "The answer is (B).")
+    assert sc.score_mathvista(recs[0], "There are 3.") and sc.score_mathvista(recs[1], "The answer is (B).")
 
 
 @needs_shared
 def test_official_jsonl_loader_finds_the_real_mathvision_images(tmp_path):
     mini = [json.loads(l) for l in open(SHARED / "mathvision/data/testmini.jsonl")]
     rows = [r for r in mini if r["id"] in ("4", "6")] + [dict(mini[0], id="99999", image="images/99999.jpg")]
-    recs = eb.load("mathvision", write_jsonl(tmp_path / "test.jsonl", rows), image_root=SHARED / "mathvision")
+    recs = bm.load("mathvision", write_jsonl(tmp_path / "test.jsonl", rows), image_root=SHARED / "mathvision")
     assert ev.open_image(recs[0]["images"]).size == Image.open(SHARED / "mathvision/images/4.jpg").size
     assert "<image1>" not in recs[1]["question"] and recs[1]["options"] == list("ABCDE")
     with pytest.raises(ValueError, match="99999.jpg not found"):
@@ -234,37 +250,37 @@ def test_official_json_loaders_and_their_ids(tmp_path):
     for name, label in (("human", "14"), ("augmented", "0.57")):
         rows = [{"imgname": "a.png", "query": "?", "label": label}]
         (tmp_path / f"test/test_{name}.json").write_text(json.dumps(rows))
-    chart = eb.load("chartqa", tmp_path)
+    chart = bm.load("chartqa", tmp_path)
     assert [(r["id"], r["split"]) for r in chart] == [("test_augmented/0", "augmented"), ("test_human/0", "human")]
     assert ev.open_image(chart[0]["images"]).size == (8, 6)
     for n in (1, 2):
         (tmp_path / f"dm/trial{n}").mkdir(parents=True)
         row = dict(question="q", answer="2.0", image="image/image5.png", answer_type="float", subject="s", level="l")
         (tmp_path / f"dm/trial{n}/dataset.json").write_text(json.dumps({"5": row}))
-    assert [r["id"] for r in eb.load("dynamath", tmp_path / "dm")] == ["5/1", "5/2"]
+    assert [r["id"] for r in bm.load("dynamath", tmp_path / "dm")] == ["5/1", "5/2"]
     hb_rows = [dict(category="VS", subcategory="chart", visual_input=v, set_id="0", figure_id=f, question_id="0",
                     question="Is it?", gt_answer=g, filename=fn)
                for v, f, g, fn in [("0", "0", "1", None), ("1", "1", "0", "./VS/chart/0_1.png")]]
     (tmp_path / "hb").mkdir()
     (tmp_path / "hb/HallusionBench.json").write_text(json.dumps(hb_rows))
-    recs = eb.load("hallusionbench", tmp_path / "hb")
+    recs = bm.load("hallusionbench", tmp_path / "hb")
     assert [(r["id"], r["answer"]) for r in recs] == [("VS/chart/0/1/0", "no")]   # the text-only question is left out
 
 
 def test_hallusionbench_tsv_keys_come_from_the_vlmevalkit_index(tmp_path):
     rows = [dict(index=f"VS_chart_1_3_{fig}_0", image=img, question="Is it 5?", answer=ans, category="VS",
                  **{"l2-category": "VS_chart"}) for fig, img, ans in [(1, b64(), "Yes"), (2, "VS_chart_1_3_1_0", "No")]]
-    recs = eb.load("hallusionbench", write_tsv(tmp_path / "HallusionBench.tsv", rows))
+    recs = bm.load("hallusionbench", write_tsv(tmp_path / "HallusionBench.tsv", rows))
     assert [(r["subcategory"], r["set"], r["figure"], r["qnum"], r["answer"]) for r in recs] == [
         ("chart", "3", "1", "0", "yes"), ("chart", "3", "2", "0", "no")]
     assert ev.open_image(recs[1]["images"]).size == (8, 6)
-    assert ev.question_text(recs[0], "plain") == "Is it 5? Please answer yes or no."
-    assert ev.question_text(recs[0], "r1vl") == "Is it 5?\nChoices:\nA: Yes\nB: No"
+    assert bm.question_text(recs[0], "plain") == "Is it 5? Please answer yes or no."
+    assert bm.question_text(recs[0], "r1vl") == "Is it 5?\nChoices:\nA: Yes\nB: No"
 
 
 @needs_shared
 def test_mme_official_lists_give_file_line_ids_and_image_pairs():
-    recs = eb.load("mme", SHARED / "mme/eval_tool/Your_Results")
+    recs = bm.load("mme", SHARED / "mme/eval_tool/Your_Results")
     assert len(recs) == 2374 and recs[0]["id"] == "OCR/1" and recs[0]["pair"] == recs[1]["pair"]
     assert Counter(r["category"] for r in recs)["celebrity"] == 340
 
@@ -282,26 +298,26 @@ def test_missing_data_and_unknown_bench_exit_with_a_message(tmp_path):
                                               ("57%", "0.57", True), ("0", "0", True), ("Yes.", "Yes", False),
                                               ("inspired", "Inspired", True)])
 def test_chartqa_relaxed_accuracy(pred, target, ok):
-    assert eb.relaxed_correct(pred, target) is ok
+    assert sc.relaxed_correct(pred, target) is ok
 
 
 @pytest.mark.parametrize("text, label", [("yes", "yes"), ("No", "no"), ("Yes, there is.", "yes"), (" no.", "no"),
                                          ("There is a train.", "other"), ("nothing", "no")])
 def test_mme_official_prefix_rule(text, label):
-    assert eb.mme_label(text) == label
+    assert sc.mme_label(text) == label
 
 
 @pytest.mark.parametrize("answer, gold, ok", [("Yes, it is.", "yes", True), ("No", "no", True), ("A", "yes", True),
                                               ("yes and no", "yes", False), ("B: No", "no", True),
                                               ("(A) Yes", "no", False)])
 def test_hallusionbench_yes_no_and_r1vl_choices(answer, gold, ok):
-    assert eb.score_hallusionbench({"answer": gold}, answer) is ok
+    assert sc.score_hallusionbench({"answer": gold}, answer) is ok
 
 
 @pytest.mark.parametrize("text, letter", [("B", "B"), ("(C) cat", "C"), ("D: 8", "D"), ("The answer is A.", "A"),
                                           ("I pick option b", None), ("cat", "C"), ("none", None)])
 def test_option_letter(text, letter):
-    assert eb.option_letter(text, "ABCD", ["dog", "bird", "cat", "cow"]) == letter
+    assert sc.option_letter(text, "ABCD", ["dog", "bird", "cat", "cow"]) == letter
 
 
 @pytest.mark.parametrize("atype, gold, answer, ok", [
@@ -310,7 +326,7 @@ def test_option_letter(text, letter):
     ("float", "5.75", "The mean is 5.750", True), ("multiple choice", "B", "B", True),
     ("multiple choice", "B", "(B) 4", True), ("multiple choice", "B", "A", False), ("text", "red", "red circle", True)])
 def test_dynamath_official_rules(atype, gold, answer, ok):
-    assert eb.score_dynamath({"answer": gold, "atype": atype}, answer) is ok
+    assert sc.score_dynamath({"answer": gold, "atype": atype}, answer) is ok
 
 
 def vista(qtype="free_form", atype="integer", precision=None, choices=None, answer="5"):
@@ -325,14 +341,44 @@ def vista(qtype="free_form", atype="integer", precision=None, choices=None, answ
     (vista("multi_choice", "text", choices=["97", "102"], answer="102"), "(B)", True),
     (vista("multi_choice", "text", choices=["97", "102"], answer="102"), "so 103", True)])
 def test_mathvista_extraction_and_official_normalisation(rec, answer, ok):
-    assert eb.score_mathvista(rec, answer) is ok
+    assert sc.score_mathvista(rec, answer) is ok
 
 
 @pytest.mark.parametrize("pred, gold, ok", [("8", "8.0", True), ("\\frac{1}{2}", "0.5", True),
                                             ("(1,2)", "(1.0,2)", True), ("120", "$120^{\\circ}$", False),
-                                            ("e", "E", True), ("", "1", False)])
+                                            ("e", "E", True), ("", "1", False), ("x0", "0", False),
+                                            ("x 0", "0", False), ("e", "2.72", False), ("pi", "3.14", False),
+                                            ("\\boxed{3}", "3", False), ("3}", "3", True), ("5. the answer", "5", True),
+                                            ("12\\frac{1}{2}", "6", True)])
 def test_mathvision_official_equality(pred, gold, ok):
-    assert eb.mathvision_equal(pred, gold) is ok
+    assert sc.mathvision_equal(pred, gold) is ok
+
+
+@pytest.mark.parametrize("text, value", [
+    ("3}", 3), ("3. the answer", 3), ("-2.b", -2), ("625 \\rightarrow 626 \\uparrow 627", 625), ("1 triangle", 1),
+    ("3)", 3), ("\\boxed{3}", None), ("3 \\boxed{2}", None), ("x0", None), ("x 0", None), ("5cm", None),
+    ("e", None), ("pi", None), ("\\pi", 3.14), ("e^{2}", 7.39), ("e^{1}", None), ("12\\frac{1}{2}", 6.0),
+    ("111 111 111", 1367631), ("$20\\%$", 0.2), ("5%", None), ("120^\\circ", None), ("\\frac{1}{16}\"", None),
+    ("105{,}000", None), ("[400,500]", 400500), ("3, 4", None), ("(1,2)", None), ("3 < 4", 1), ("3 = 3", None),
+    ("\\csc 30", None), ("\\ln 2", None), ("\\log_2 8", 3.0), ("2\\sqrt{2}", 2.83), ("\\sqrt2", None),
+    ("2^10", 1024), ("24!^{2}", 620448401733239439360000), ("\\text{5}", None), ("$6.$", 6), ("8.0", 8)])
+def test_latex_value_reads_numbers_as_the_official_latex2sympy_pipeline(text, value):
+    """The well-formed prefix counts; an unknown character next to it, a free letter or \\boxed gives no value."""
+    assert latex_value(text) == value
+
+
+@pytest.mark.parametrize("text, choices, extraction", [
+    ("The correct option letter is B.", ["1", "2"], "B"), ('So the answer is "A".', ["1", "2"], "A"),
+    ("答案是B", ["1", "2"], "B"), ("选项 A 正确", ["1", "2"], "A"), ("The correct option letter is F.", ["1", "2"], "F"),
+    ('The answer is "two".', ["1", "2"], "two"), ("yes, it is.", ["Yes", "No"], "Yes"), ("NO. It is not", ["Yes", "No"], "No"),
+    ("It depends", ["Yes", "No"], "It depends")])
+def test_mathvista_extracts_stated_letters_and_yes_no_openings(text, choices, extraction):
+    assert sc.mathvista_extract(text, vista("multi_choice", "text", choices=choices, answer=choices[0])) == extraction
+
+
+def test_mathvista_out_of_range_letter_goes_to_the_most_similar_choice():
+    rec = vista("multi_choice", "text", choices=["E", "2"], answer="E")
+    assert sc.score_mathvista(rec, "The correct option letter is F.") is True     # "F" is nearest to "E"
 
 
 @pytest.mark.parametrize("gold, answer, ok", [("B", "B", True), ("B", "B: 3 cm", True), ("B", "(C)", False),
@@ -341,7 +387,7 @@ def test_mathvision_official_equality(pred, gold, ok):
 def test_mathverse_letters_and_free_form_equivalence(gold, answer, ok):
     pytest.importorskip("rewards")
     qtype = "multi-choice" if gold.isalpha() else "free-form"
-    assert eb.score_mathverse({"answer": gold, "qtype": qtype}, answer) is ok
+    assert sc.score_mathverse({"answer": gold, "qtype": qtype}, answer) is ok
 
 
 # ----------------------------------------------------------------------------- command line
@@ -362,14 +408,14 @@ def test_score_only_counts_unknown_missing_malformed_and_empty_predictions(tmp_p
 
 
 def test_toy_reference_solutions_score_full_accuracy_and_format_validity(tmp_path, capsys):
-    """The toy's reference paths are R1-VL-formatted and right: 100 % accuracy and format validity;
+    """The toy's reference paths are R1-VL-formatted and right: accuracy and format validity 1 (fractions,
+    as train.py reports them);
     a bare answer without the sections is still right but not valid."""
-    data = pytest.importorskip("data")
-    samples = data.toy_dataset(split="test", n=6, seed=0)
+    samples = ev.toy.dataset(split="test", n=6, seed=0)
     preds = [{"id": s["id"], "prediction": s["solution"] if i < 5 else s["answer"]} for i, s in enumerate(samples)]
     ev.main(["--bench", "toy", "--limit", "6", "--predictions", str(write_jsonl(tmp_path / "p.jsonl", preds))])
     s = last_json_line(capsys)
-    assert (s["metrics"]["accuracy"], s["metrics"]["format_validity"]) == (100.0, 83.33)
+    assert (s["metrics"]["accuracy"], s["metrics"]["format_valid"], s["unit"]) == (1.0, 0.8333, "fraction")
 
 
 def test_generation_appends_predictions_and_resumes(tmp_path, capsys):
@@ -379,8 +425,92 @@ def test_generation_appends_predictions_and_resumes(tmp_path, capsys):
     argv = ["--bench", "mmstar", "--data", str(write_tsv(tmp_path / "m.tsv", rows)), "--model", "tiny",
             "--max_new_tokens", "4", "--batch_size", "2", "--out", str(tmp_path / "out.jsonl")]
     first = ev.main(argv)
-    assert first["counts"]["bad_images"] == 1 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    assert first["counts"]["bad_images"] == 1 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
     second = ev.main(argv)
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3     # the produced_by header + 2
     assert second["metrics"]["total"] == 3 and second["counts"]["bad_images"] == 1
     assert last_json_line(capsys) == second
+
+
+# ----------------------------------------------------------------------------- what produced the predictions
+
+def tiny_mmstar(tmp_path):
+    rows = [mcq_row(i, b64(), A="x", B="y") for i in range(3)]
+    return ["--bench", "mmstar", "--data", str(write_tsv(tmp_path / "m.tsv", rows)), "--max_new_tokens", "4",
+            "--batch_size", "2"]
+
+
+def test_resuming_with_other_settings_is_refused_in_one_line(tmp_path):
+    base = tiny_mmstar(tmp_path) + ["--model", "tiny", "--out", str(tmp_path / "o.jsonl"), "--limit", "1"]
+    ev.main(base)
+    for change in (["--prompt", "plain"], ["--max_new_tokens", "5"]):
+        with pytest.raises(SystemExit, match="other settings.*--overwrite"):
+            ev.main(base + change)
+    assert ev.main(base + ["--prompt", "plain", "--overwrite"])["prompt"] == "plain"
+
+
+def test_default_out_names_differ_for_two_models_both_called_final(tmp_path):
+    names = set()
+    for run in ("sft-2b", "r1vl-2b"):
+        (tmp_path / run / "final").mkdir(parents=True)
+        (tmp_path / run / "final/config.json").write_text(json.dumps({"run": run}))
+        names.add(ev.default_out(ev.parse_args(["--bench", "toy", "--model", str(tmp_path / run / "final")])))
+    assert len(names) == 2 and all(n.name.startswith("toy_final_") for n in names)
+
+
+def test_weights_fingerprint_changes_with_the_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"a" * 100)
+    before = ev.weights_fingerprint(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"b" * 100)
+    assert ev.weights_fingerprint(str(tmp_path)) != before
+
+
+def test_a_line_cut_short_does_not_swallow_the_next_prediction(tmp_path):
+    out = tmp_path / "o.jsonl"
+    argv = tiny_mmstar(tmp_path) + ["--model", "tiny", "--out", str(out)]
+    ev.main(argv + ["--limit", "1"])
+    out.write_text(out.read_text() + '{"id": "1", "predic')                  # killed mid-write
+    s = ev.main(argv)
+    preds, _ = ev.read_predictions(out, Counter())
+    assert set(preds) == {"0", "1", "2"} and s["counts"]["malformed_prediction_lines"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bench", "toy", "--model", "out/nope/final"], "no such directory"),
+    (["--bench", "toy", "--model", "./nope"], "no such directory"),
+    (["--bench", "mme", "--predictions", "p.jsonl"], "does not exist"),
+    (["--bench", "mme", "--model", "tiny"], "--data is required"),
+    (["--bench", "mme", "--model", "tiny", "--data", "nope.tsv"], "does not exist"),
+    (["--bench", "toy", "--model", "tiny", "--extracted"], "use it with --predictions")])
+def test_bad_input_exits_with_one_line_before_any_model_loads(argv, message, monkeypatch):
+    monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match=message):
+        ev.main(argv)
+
+
+def test_model_folder_without_config_and_data_in_a_wrong_format_exit_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="no config.json"):
+        ev.main(["--bench", "toy", "--model", str(tmp_path)])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(SystemExit, match="unknown data format"):
+        ev.main(["--bench", "mmstar", "--model", "tiny", "--data", str(tmp_path / "data.csv")])
+    (tmp_path / "bad.tsv").write_text("x\ty\n1\t2\n")
+    with pytest.raises(SystemExit, match="not a mmstar record"):
+        ev.main(["--bench", "mmstar", "--model", "tiny", "--data", str(tmp_path / "bad.tsv")])
+
+
+def test_help_shows_every_flag_with_a_default_and_a_line_of_help(capsys):
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    entries = {e.split()[0]: " ".join(e.split()[1:]) for e in re.split(r"\n  (?=-)", capsys.readouterr().out)[1:]}
+    flags = ("--data", "--image_root", "--prompt", "--out", "--overwrite", "--limit", "--max_new_tokens",
+             "--batch_size", "--min_pixels", "--max_pixels", "--max_prompt_len", "--device", "--dtype", "--extracted")
+    for flag in flags:
+        assert "default" in entries[flag] and len(entries[flag]) > 20, flag
+
+
+def test_toy_generates_with_the_training_length_and_other_benches_with_the_papers():
+    assert ev.parse_args(["--bench", "toy", "--model", "tiny"]).max_new_tokens == ev.TOY_MAX_NEW_TOKENS == 160
+    assert ev.parse_args(["--bench", "mme", "--model", "tiny"]).max_new_tokens == 2048

@@ -1,10 +1,14 @@
-"""eval_benchmarks.py: read the R1-VL benchmarks into records, and judge one answer by rule.
+"""benchmarks.py: one entry per R1-VL benchmark (BENCHES): how its files are read into records, the rule
+that judges one answer (scorers.py), how the judgements add up, and the headline number.
+
+Adding a benchmark: a converter (row -> record), its FILES patterns, a scorer, and one Bench line.
 
 Formats, detected from the file (a folder is searched for the benchmark's files): VLMEvalKit TSV (base64
 images; an image cell of at most 64 characters is the `index` of the row whose image it reuses; a "[...]"
 cell holds several images), Hugging Face parquet (image structs; pyarrow is imported only for these), and
 the official JSON / JSONL / MME txt lists with an image folder. Record: {"id" (per benchmark and format: the
 table in evaluate.py), "images" (sources, decoded only when a model runs), "question", "answer", ...}.
+Metrics are percentages, as the official scorers print them.
 """
 import ast
 import csv
@@ -12,22 +16,23 @@ import json
 import math
 import re
 import sys
+from collections import defaultdict
 from contextlib import suppress
-from decimal import Decimal
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from rapidfuzz.distance import Levenshtein
+import scorers
+from scorers import LETTERS
 
-LETTERS = "ABCDEFGHIJ"
 # What a --data folder is searched for, per benchmark: the first pattern with matches wins (official
 # files, VLMEvalKit TSV, then the evaluated split of the Hugging Face parquet shards).
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 FILES = {"mathvista": ["testmini.json", "*.tsv", "testmini*.parquet"], "mmstar": ["*.tsv", "*.parquet"],
          "mathvision": ["test.jsonl", "*.tsv", "test-*.parquet"], "chartqa": ["test_*.json", "*.tsv", "test-*.parquet"],
          "dynamath": ["trial*/dataset.json", "dataset.json", "*.tsv", "*variant*.parquet"],
          "hallusionbench": ["HallusionBench.json", "*.tsv", "image-*.parquet"],
          "mathverse": ["testmini.json", "*.tsv", "testmini*.parquet"], "mme": ["*.txt", "*.tsv", "*.parquet"]}
-NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"   # as written in answers: -1,234.5 or .5
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -188,10 +193,6 @@ def _mme(row, fmt, file, i, img):
                 pair=f"{row['category']}/{row.get('image_path') or row.get('question_id')}")
 
 
-CONVERT = {"mathvista": _mathvista, "mmstar": _mmstar, "mathvision": _mathvision, "chartqa": _chartqa,
-           "dynamath": _dynamath, "hallusionbench": _hallusionbench, "mathverse": _mathverse, "mme": _mme}
-
-
 def load(bench, path, image_root=None):
     """All records of `bench` under `path`; raises on missing files, malformed rows or duplicate ids."""
     records = {}                                            # id -> record, in file order
@@ -203,7 +204,7 @@ def load(bench, path, image_root=None):
         img = image_sources(fmt, rows, file, image_root)
         for i, row in enumerate(rows):
             try:
-                rec = CONVERT[bench](row, fmt, file, i, img)
+                rec = BENCHES[bench].convert(row, fmt, file, i, img)
             except (KeyError, TypeError, ValueError, SyntaxError) as e:
                 raise ValueError(f"{file}, row {i + 1}: not a {bench} record ({type(e).__name__}: {e})") from e
             if rec is not None and rec["id"] in records:
@@ -213,185 +214,109 @@ def load(bench, path, image_root=None):
     return list(records.values())
 
 
-# ----------------------------------------------------------------------------- answer rules
-def to_float(s):
-    with suppress(ValueError):
-        return float(str(s).strip().replace(",", ""))
-    return None
+# ----------------------------------------------------------------------------- the question sent
+def question_text(rec, style):
+    """The question sent to the model, with its options and each prompt style's wording.
+
+    plain follows VLMEvalKit's Qwen2-VL prompts ("Options:\nA. ..."); r1vl follows R1-VL's
+    evaluation ("Choices:\nA: ...", and HallusionBench's yes/no asked as choices A: Yes / B: No).
+    """
+    kind, q, plain = rec.get("kind"), rec["question"], style == "plain"
+    if kind == "mcq":
+        head, sep = ("Options", ". ") if plain else ("Choices", ": ")
+        opts = "".join(f"\n{L}{sep}{o}" for L, o in zip(LETTERS, rec["options"]))
+        return (f"{rec['hint']}{'Question: ' if plain else ''}{q}" + (f"\n{head}:{opts}" if opts else "")
+                + f"\nPlease select the correct answer from the {head.lower()} above.")
+    if kind == "yn":
+        return q + (" Please answer yes or no." if plain else "\nChoices:\nA: Yes\nB: No")
+    return q
 
 
-def option_letter(text, letters="ABCD", options=()):
-    """The option an answer names: 'B', '(B)', 'B. x', 'B: x', 'answer is B', a lone letter, a unique option text."""
-    t = text.strip()
-    m = re.match(rf"\(?([{letters}])(?:[).:,]|\s|$)", t) or re.search(rf"answer is:?\s*\(?([{letters}])\b", t, re.I)
-    lone = set(re.findall(rf"(?<![\w'])([{letters}])(?![\w'])", t))
-    named = [L for L, o in zip(letters, options) if o and str(o).lower() in t.lower()]
-    return m.group(1).upper() if m else lone.pop() if len(lone) == 1 else named[0] if len(named) == 1 else None
+# ----------------------------------------------------------------------------- metrics (percent)
+def pct(correct, total):
+    return round(100.0 * correct / total, 2) if total else 0.0
 
 
-def yes_no(text):
-    """VLMEvalKit's rule: 'yes' if the words contain yes and not no, 'no' the other way, else None."""
-    found = {"yes", "no"}.intersection(re.sub(r"[^\w\s]", " ", text.lower()).split())
-    return found.pop() if len(found) == 1 else None
+def by_group(recs, flags, key):
+    """{value of rec[key]: {"accuracy", "correct", "total"}}, the layout of MathVista's scores files."""
+    groups = defaultdict(list)
+    for r, f in zip(recs, flags):
+        groups[str(r[key])].append(f)
+    return {k: {"accuracy": pct(sum(v), len(v)), "correct": sum(v), "total": len(v)} for k, v in sorted(groups.items())}
 
 
-def mme_label(text):
-    """The official MME parse: exactly yes/no, else yes/no within the first 4 characters, else 'other'."""
-    t = text.lower()
-    return t if t in ("yes", "no") else "yes" if "yes" in t[:4] else "no" if "no" in t[:4] else "other"
+def all_right(recs, flags, key_fn):
+    """Share (%, unrounded) of the groups key_fn(rec) whose members are all correct; key None = left out."""
+    groups = defaultdict(list)
+    for r, f in zip(recs, flags):
+        if key_fn(r) is not None:
+            groups[key_fn(r)].append(f)
+    return 100.0 * sum(all(v) for v in groups.values()) / max(len(groups), 1)
 
 
-def relaxed_correct(pred, target):
-    """ChartQA relaxed accuracy: within 5 % of a non-zero numeric target ('%' divides by 100), else exact text."""
-    def num(s):
-        s = s.strip()
-        with suppress(ValueError):
-            return float(s[:-1]) / 100 if s.endswith("%") else float(s)
-        return None
-    p, t = num(pred), num(target)
-    return abs(p - t) / abs(t) <= 0.05 if p is not None and t else pred.strip().lower() == target.strip().lower()
+def hallusion_metrics(recs, flags):
+    """aAcc per question; fAcc per figure (category, subcategory, set, figure; the official scorer
+    leaves out VS figure 0, the question asked without its chart); qAcc per question (category,
+    subcategory, set, question) over all its figures. The reported number is the mean of the three."""
+    def figure(r):
+        return None if r["category"] == "VS" and str(r["figure"]) == "0" else (
+            r["category"], r["subcategory"], r["set"], r["figure"])
+    m = {"aAcc": 100.0 * sum(flags) / max(len(flags), 1), "fAcc": all_right(recs, flags, figure),
+         "qAcc": all_right(recs, flags, lambda r: (r["category"], r["subcategory"], r["set"], r["qnum"]))}
+    return {**{k: round(v, 2) for k, v in m.items()}, "mean_aAcc_fAcc_qAcc": round(sum(m.values()) / 3, 2)}
 
 
-def mathvista_extract(text, rec):
-    """Rule-based stand-in for MathVista's GPT-4 extraction. Official quick rules first (a response equal
-    to a choice, or an int/float, is the answer); then multi-choice: 'answer is (X)', '\\boxed{X}', '(X)', a
-    leading 'X.', a trailing lone letter, else the last choice text named; list: the last [...];
-    numbers: 'answer is N', '\\boxed{N}', '**N**', else the last number."""
-    r, choices = text.strip(), rec["choices"] or []
-    if not r or (rec["qtype"] == "multi_choice" and r in choices) or (
-            rec["atype"] in ("integer", "float") and to_float(r) is not None and "," not in r):
-        return r
-    if rec["qtype"] == "multi_choice":
-        L = LETTERS[:len(choices)]
-        for p in (rf"answer is:?\s*\(?([{L}])\b", rf"\\boxed\{{\(?([{L}])\)?\}}", rf"\(([{L}])\)",
-                  rf"^([{L}])(?:[.:)]|\s|$)", rf"\b([{L}])\.?$"):
-            if m := re.search(p, r, re.M):
-                return m.group(1)
-        hits = [(r.rfind(c), c) for c in choices if c and c in r]
-        return max(hits)[1] if hits else r
-    if rec["atype"] == "list":
-        return (re.findall(r"\[[^\[\]]*\]", r) or [r])[-1]
-    for p in (rf"answer is:?\s*\$?({NUMBER})", rf"\\boxed\{{({NUMBER})\}}", rf"\*\*({NUMBER})", f"({NUMBER})"):
-        if found := re.findall(p, r, re.I):
-            return found[-1].replace(",", "")
-    return r
+def mme_metrics(recs, flags):
+    """Per subtask acc, acc+ (both questions of one image right) and 100·(acc + acc+); the sums per group."""
+    out, sub = {"perception": 0.0, "cognition": 0.0}, {}
+    for cat in sorted({r["category"] for r in recs}):
+        rs, fs = zip(*[(r, f) for r, f in zip(recs, flags) if r["category"] == cat])
+        acc, acc_plus = 100.0 * sum(fs) / len(fs), all_right(rs, fs, lambda r: r["pair"])
+        sub[cat] = {"acc": round(acc, 2), "acc_plus": round(acc_plus, 2), "score": round(acc + acc_plus, 2)}
+        out["cognition" if cat in MME_COGNITION else "perception"] += acc + acc_plus
+    return {"perception": round(out["perception"], 2), "cognition": round(out["cognition"], 2),
+            "perception_plus_cognition": round(sum(out.values()), 2), "subtasks": sub}
 
 
-def score_mathvista(rec, answer, extracted=False):
-    """Our extraction of `answer` (or, if `extracted`, `answer` itself: an official GPT-4 extraction) after the
-    official normalisation (calculate_score.py), against the gold: letter or nearest choice text; int; rounded
-    float; list. Integers are truncated exactly (Decimal; float("0.999…9") is 1): so were the published scores."""
-    ext = answer if extracted else mathvista_extract(answer, rec)
-    if rec["qtype"] == "multi_choice":
-        ext, choices = str(ext).strip(), rec["choices"]
-        letter = re.findall(r"\(([a-zA-Z])\)", ext)
-        ext = letter[0].upper() if letter else ext
-        return (choices[LETTERS.index(ext)] if ext in LETTERS[:len(choices)]
-                else min(choices, key=lambda c: Levenshtein.distance(ext, c))) == rec["answer"]
-    with suppress(ValueError, TypeError, ArithmeticError):      # not a number: wrong
-        if rec["atype"] == "integer":
-            return str(int(Decimal(str(ext).strip()))) == rec["answer"]
-        return (str(round(float(ext), rec["precision"])) if rec["atype"] == "float" else str(ext)) == rec["answer"]
-    return False
+def dynamath_metrics(recs, flags):
+    """Average case: over all question variants. Worst case: seed questions right in every variant."""
+    return {"average_case": pct(sum(flags), len(flags)),
+            "worst_case": round(all_right(recs, flags, lambda r: r["qid"]), 2),
+            "by_subject": by_group(recs, flags, "subject"), "by_level": by_group(recs, flags, "level")}
 
 
-# MATH-V: the official rule scorer (evaluation/evaluate.py, utils.py), reimplemented; used by evaluate.score_mathvision.
-MATHV_FLAGS = ("the final answer is", "the answer is", "the correct answer is", "the answer should be")
-MATHV_CLEAN = [(" ", ""), ("\\,", ""), ("∞", "\\infty"), ("+\\infty", "\\infty"), ("\\\\", "\\"), ("\n", ""),
-               ("\\text", ""), ("\\mbox", ""), ("bmatrix", "pmatrix"), ("\\left", ""), ("\\right", ""),
-               ("^{\\circ}", ""), ("^\\circ", ""), ("{m}^3", ""), ("m^3", ""), ("{units}", ""), ("units", ""),
-               ("{km}", ""), ("km", ""),  # then MATH's _strip_string:
-               ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\$", ""), ("$", "")]
+def accuracy(recs, flags, *groups, key="accuracy"):
+    """Accuracy with its counts, and a by_<field> breakdown per field in `groups`."""
+    acc = {key: pct(sum(flags), len(flags)), "correct": sum(flags), "total": len(flags)}
+    return dict(acc, **{f"by_{g}": by_group(recs, flags, g) for g in groups})
 
 
-def mathvision_extract(response):
-    """Option-letter endings, a number after 'is ', the text after 'the answer is'-like phrases, then LaTeX cleanup."""
-    a = response.strip()
-    for c in "ABCDE":
-        if a.endswith((f" {c}.", f" ({c}).")) or a.startswith((f"{c}\n", f"({c})\n", f"({c}) {c}\n")):
-            a = c
-    tail = a.split("is ")[-1].rstrip(".")
-    a = tail if to_float(tail) is not None and "," not in tail else a
-    if "oxed{" not in a:
-        for flag in (f for flag in MATHV_FLAGS for f in (flag, flag.replace("the", "The"))):
-            cut, a = flag in a, a.split(flag)[-1].strip()
-            a = a.split("\n")[0].split(". ")[0] if cut else a
-    elif a.count("oxed{") > 1:
-        a = "\\boxed{" + a.split("oxed{")[-1]
-    s = a.lower().replace("{}", "")
-    s = (re.findall(r"oxed{(.*)}", s, flags=re.S) or [s])[-1]
-    s = s.split("}")[0] if "}" in s and ("{" not in s or s.find("}") < s.find("{")) else s
-    s = s.split("=")[-1].split("\\approx")[-1]
-    for old, new in MATHV_CLEAN:
-        s = s.replace(old, new)
-    s = s.split("\\text{ ")[0].replace("\\%", "").replace("{.", "{0.")
-    s = "0" + s if s[:1] == "." else s
-    s = re.sub(r"\\sqrt([^{])", r"\\sqrt{\1}", s)
-    if "sqrt" in s:                                          # official: fractions fixed only next to a sqrt
-        s = re.sub(r"\\frac([^{])\{", r"\\frac{\1}{", re.sub(r"\\frac([^{])([^{])", r"\\frac{\1}{\2}", s))
-    m = re.fullmatch(r"(-?\d+)/(-?\d+)", s)
-    s = "\\frac{1}{2}" if s == "0.5" else f"\\frac{{{m[1]}}}{{{m[2]}}}" if m and s == f"{int(m[1])}/{int(m[2])}" else s
-    for c in "abcde":
-        s = s.replace(f"({c})", c).replace("{%s}" % c, c)
-    return s.rstrip(".").lstrip(":").strip()
+# ----------------------------------------------------------------------------- one entry per benchmark
+@dataclass(frozen=True)
+class Bench:
+    convert: Callable      # (row, format, file, row number, image getter) -> record, or None to leave the row out
+    score: Callable        # (record, final answer) -> right or not
+    metrics: Callable      # (records, flags) -> {metric: value}, percent
+    headline: str          # the metric the paper reports
 
 
-@lru_cache(maxsize=None)
-def _value(s):
-    """round(value, 2) of a number or LaTeX expression, else None (official: eval(str(latex2sympy(s)))).
-    What the official, older latex2sympy2 cannot parse (degrees, π, \\!, an escaped $) is refused here too;
-    a bare word is a name, and only e and pi have values."""
-    f = to_float(s) if "," not in s else None
-    if f is None and s.isalpha():
-        return {"e": 2.72, "pi": 3.14}.get(s)
-    if f is None and not any(t in s for t in ("\\circ", "°", "π", "\\!", "\\$")):
-        with suppress(Exception):            # any parse or evaluation failure means "not a number", as officially
-            from latex2sympy2_extended import latex2sympy
-            f = complex(latex2sympy(s).evalf())
-            f = None if f.imag else f.real
-    return None if f is None or math.isnan(f) or math.isinf(f) else round(f, 2)
+BENCHES = {
+    "mathvista": Bench(_mathvista, scorers.score_mathvista,
+                       lambda recs, flags: accuracy(recs, flags, "qtype", "atype", "task"), "accuracy"),
+    "mmstar": Bench(_mmstar, scorers.score_mmstar,
+                    lambda recs, flags: accuracy(recs, flags, "category", "l2"), "accuracy"),
+    "mathvision": Bench(_mathvision, scorers.score_mathvision,
+                        lambda recs, flags: accuracy(recs, flags, "level", "subject"), "accuracy"),
+    "chartqa": Bench(_chartqa, scorers.score_chartqa,
+                     lambda recs, flags: accuracy(recs, flags, "split", key="relaxed_accuracy"), "relaxed_accuracy"),
+    "dynamath": Bench(_dynamath, scorers.score_dynamath, dynamath_metrics, "average_case"),
+    "hallusionbench": Bench(_hallusionbench, scorers.score_hallusionbench, hallusion_metrics, "mean_aAcc_fAcc_qAcc"),
+    "mathverse": Bench(_mathverse, scorers.score_mathverse,   # approximate: the official judge is an LLM
+                       lambda recs, flags: accuracy(recs, flags, "version", "subject", key="accuracy_approx"),
+                       "accuracy_approx"),
+    "mme": Bench(_mme, scorers.score_mme, mme_metrics, "perception_plus_cognition"),
+}
 
 
-def mathvision_equal(a, b):
-    """The official is_equal: case-insensitive text, element-wise (a,b)/[a,b] values, or values equal to 2 decimals."""
-    def tup(s):
-        if len(s) < 2 or s[0] + s[-1] not in ("()", "[]") or "," not in s:
-            return s
-        vals = [p if "infty" in p or p in ("a", "-a") else _value(p) for p in s[1:-1].split(",")]
-        return s if None in vals else s[0] + ",".join(map(str, vals)) + s[-1]
-    a, b = a.lower(), b.lower()
-    if not a.replace(" ", "") or not b.replace(" ", ""):
-        return False
-    # the prediction's value first: most are no number, so the gold is never parsed
-    return a.strip() == b.strip() or tup(a) == tup(b) or (_value(a) is not None and _value(a) == _value(b))
-
-
-def score_dynamath(rec, answer):
-    """DynaMath's official rules on the 'short answer' of a JSON reply (else the whole answer). float: the
-    first token (× π if it holds π) within 0.001 (our fallback for prose: the last number); multiple
-    choice: the letter, or the gold letter in the first 3 characters; text: the gold string inside."""
-    text, gold = answer.strip(), rec["answer"]
-    with suppress(ValueError, KeyError, TypeError):
-        text = str(json.loads(text[text.find("{"):text.rfind("}") + 1].replace("\\", ""), strict=False)["short answer"])
-    if rec["atype"] == "multiple choice":
-        return text == gold if len(text) == 1 else gold in text[:3]
-    if to_float(gold) is None or rec["atype"] == "text":
-        return gold in text
-    first = text.split(" ")[0].split("π")                  # officially "2π/3" reads as 2π
-    value = to_float(first[0]) * (math.pi if len(first) > 1 else 1) if to_float(first[0]) is not None else None
-    value = value if value is not None else to_float((re.findall(NUMBER, text) or ["x"])[-1])
-    return value is not None and abs(value - float(gold)) <= 0.001
-
-
-def score_hallusionbench(rec, answer):
-    """yes/no by VLMEvalKit's word rule; an r1vl answer 'A'/'B' (the A: Yes / B: No choices) maps back first."""
-    m = re.match(r"\(?([AB])\b", answer.strip())
-    return ({"A": "yes", "B": "no"}[m.group(1)] if m else yes_no(answer)) == rec["answer"]
-
-
-def score_mathverse(rec, answer):
-    """Approximate (the official judge is an LLM): option letter for multi-choice, else rewards.is_correct."""
-    if rec["qtype"] == "multi-choice" or re.fullmatch(r"[A-F]", rec["answer"]):
-        return option_letter(answer, "ABCDEF") == rec["answer"][:1]
-    import rewards
-    return rewards.is_correct(answer, rec["answer"])
+def metrics(bench, recs, flags):
+    return BENCHES[bench].metrics(recs, flags)
