@@ -4,7 +4,8 @@ A checkpoint is one file, `out_dir/checkpoint/ckpt.pt`: weights, optimizer, sche
 step, the RNG state of every rank, skip counters and the config. The data position needs no
 entry: it is a function of the step (data.batch_at). It is written to a temporary file and
 renamed, so a run killed mid-write keeps the previous checkpoint. Under FSDP the shards are
-gathered into whole tensors first, so a checkpoint does not depend on the number of ranks.
+gathered into whole tensors first, so a checkpoint does not depend on the number of ranks: a run
+may continue on more or fewer.
 """
 import json
 import os
@@ -13,6 +14,7 @@ import random
 import torch
 import torch.distributed as dist
 
+import model
 import parallel
 
 
@@ -40,19 +42,43 @@ def stage_of(path):
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["stage"]
 
 
-def load(path, stage, policy, optimizer, scheduler, fsdp, rank):
+def load(path, stage, policy, optimizer, scheduler, fsdp, rank, world):
     """Restore a checkpoint of `stage` into policy, optimizer, scheduler and this rank's RNG.
-    Returns the checkpoint dict (its "step" is where to continue), or None if there is none."""
+    Returns the checkpoint dict (its "step" is where to continue), or None if there is none.
+
+    On another number of ranks the weights, optimizer and data position carry over unchanged (every
+    prompt is sampled from its own seed); only the global RNG streams, saved per rank, cannot, and
+    are seeded afresh from the step."""
     if stage_of(path) != stage:
         return None
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)   # pages shared by ranks
     parallel.load_full_state(policy, optimizer, state["model"], state["optimizer"], fsdp)
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
+    if len(state["rng"]) == world:
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        torch.manual_seed(state["step"] * 1000 + rank), random.seed(state["step"] * 1000 + rank)
     return state
+
+
+def restore(run, stage, optimizer, scheduler):
+    """With --resume, continue a checkpoint of `stage`: its weights into the policy (and the sampler's copy),
+    the logs cut back to its step. Returns the step to continue from (0 if not resuming this stage)."""
+    state = load(run.ckpt_path, stage, run.policy, optimizer, scheduler, run.args.fsdp, run.rank,
+                 run.world) if run.args.resume else None
+    if state is None:
+        return 0
+    run.skipped.update(state["skipped"])
+    if run.sampler is not run.policy:
+        model.refresh_inference_copy(run.sampler, run.policy)
+    if run.master:
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            trim_log(os.path.join(run.args.out_dir, name), stage, state["step"])
+    run.log.print(f"resumed {stage} at step {state['step']} of a run on {len(state['rng'])} rank(s)")
+    return state["step"]
 
 
 def trim_log(path, stage, step):
@@ -61,8 +87,9 @@ def trim_log(path, stage, step):
         return
     order = {"sft": 0, "rl": 1, "eval": 1}
     rows = [json.loads(line) for line in open(path)]
+    key = lambda r: (order[r.get("stage", "rl")], r["step"])   # rollouts.jsonl rows are RL rows  # noqa: E731
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows if (order[r["stage"]], r["step"]) <= (order[stage], step))
+        f.writelines(json.dumps(r) + "\n" for r in rows if key(r) <= (order[stage], step))
 
 
 def save_pretrained(directory, policy, tokenizer, image_processor, fsdp, distributed, master):

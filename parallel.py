@@ -5,19 +5,21 @@ Data parallel (default under torchrun): every rank holds the whole model; after 
 passes `sync_gradients` averages gradients. Written out instead of wrapping the model in DDP so
 that (a) the loop can call the model's parts directly (chunked log-probs need the LM head weight),
 (b) a parameter that got no gradient on a rank, e.g. the vision tower when a rank saw no image,
-counts as zero instead of hanging DDP (METHOD.md §9.9), and (c) accumulation needs no `no_sync`.
+counts as zero instead of hanging DDP, and (c) accumulation needs no `no_sync`.
 
 FSDP (`--fsdp`): each text decoder layer and vision block keeps 1/world of its weights, gradients
 and AdamW state (`torch.distributed.fsdp.fully_shard`); embeddings, LM head and norms stay
-replicated and are averaged like data parallel. Sharded blocks gather their weights in every
-forward, so ranks must run the same number of forwards: sampling runs with the weights gathered
-once (`gathered`), and the loop pads micro-batch counts across ranks (`lockstep`).
+replicated and are averaged like data parallel. A block gathers its weights for its forward and
+frees them right after (and again for backward), so at most one block is whole at a time. Ranks
+must therefore run the same number of forwards: the loop pads micro-batch counts across ranks
+(`lockstep`), and sampling reads an unsharded inference copy of the weights (model.py).
 """
-import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+from PIL import Image
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -39,23 +41,18 @@ def blocks(net):
 
 
 def shard(net):
-    from torch.distributed.fsdp import fully_shard
+    """Shard every block. `reshard_after_forward=True` is explicit: each block is its own FSDP root, and
+    a root left to the default keeps its weights gathered after forward, so every block of the frozen
+    reference would stay whole after its first pass."""
     for block in blocks(net):
-        fully_shard(block)
+        fully_shard(block, reshard_after_forward=True)
     return net
 
 
-@contextlib.contextmanager
-def gathered(net, fsdp):
-    """Under FSDP, hold every block's full weights for a while (sampling: no collective per token,
-    so ranks may decode different numbers of tokens); a no-op otherwise."""
-    for block in blocks(net) if fsdp else []:
-        block.unshard()
-    try:
-        yield
-    finally:
-        for block in blocks(net) if fsdp else []:
-            block.reshard()
+def placeholder_image():
+    """A blank image for a weight-0 forward: under FSDP a rank whose samples were all skipped still has
+    to take part in every block's gather."""
+    return Image.new("RGB", (56, 56), "white")
 
 
 def lockstep(jobs, fsdp, distributed):
@@ -119,8 +116,16 @@ def load_full_state(net, optimizer, model_state, optimizer_state, fsdp):
 
 
 def global_means(lists, device, distributed):
-    """{name: mean over every rank's values} for a dict of per-sample value lists."""
+    """{name: mean over every rank's values} for a dict of per-sample value lists (NaN if none)."""
     sums = torch.tensor([[sum(v), len(v)] for v in lists.values()], dtype=torch.float64, device=device)
     if distributed:
         dist.all_reduce(sums)
     return {k: (s / n).item() if n else float("nan") for k, (s, n) in zip(lists, sums)}
+
+
+def global_max(lists, device, distributed):
+    """{name: max over every rank's values} for a dict of value lists (NaN if none)."""
+    top = torch.tensor([max(v, default=float("-inf")) for v in lists.values()], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return {k: x.item() if x > float("-inf") else float("nan") for k, x in zip(lists, top)}

@@ -13,6 +13,11 @@ Choices and simplifications vs. the paper and the official code (TRL 0.14-era GR
    weigh more. Completions with no tokens add 0 and are left out of the sequence mean.
 3. KL_t is the per-token k3 estimator (≥ 0, unbiased for KL(π_θ‖π_ref)); β = 0.04, β = 0 skips
    the reference model. Groups with identical rewards get Â = 0 exactly (only KL acts).
+4. Sampling and scoring run different kernels (a bf16 inference copy, a cached decode), so the
+   sampler's π_s differs slightly from the scored π_θ. `sampling_mismatch` measures it every step;
+   `tis_cap` (off by default, as in the paper) weights each token's policy gradient by the
+   truncated importance ratio min(π_θ/π_s, C) (Yao et al., 2025, "Your efficient RL framework
+   secretly brings you off-policy RL training").
 """
 import torch
 
@@ -44,7 +49,7 @@ def kl_k3(logp, ref_logp):
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2,
-                norm="seq", denom=None):
+                norm="seq", denom=None, sampler_logp=None, tis_cap=0.0):
     """Eq. 5: −mean[min(ρ_t Â, clip(ρ_t, 1−ε, 1+ε) Â) − β KL_t] over completion tokens.
 
     logp, old_logp, ref_logp, mask: [N, T]; mask (float or bool) is 1 for completion tokens up
@@ -55,6 +60,9 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=
     "seq", tokens for "token". By default the local count (the local mean). Give the count over
     all micro-batches (divided by the world size under DDP, whose gradients are averaged) and
     the micro-batch losses add up to exactly the global mean.
+
+    `sampler_logp` with `tis_cap` > 0: the policy-gradient term of each token is weighted by
+    min(exp(logp − sampler_logp), tis_cap), detached (module docstring, item 4).
 
     Returns (loss, stats) with stats python floats: kl (mean per-token KL), clip_frac (share of
     tokens whose clipped branch is active, i.e. gets no gradient), ratio_min, ratio_max,
@@ -71,6 +79,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     objective = torch.min(ratio * adv, clipped * adv)
+    if tis_cap:
+        objective = objective * torch.exp(logp.detach() - sampler_logp).clamp(max=tis_cap)
     kl = kl_k3(logp, ref_logp) if beta else torch.zeros_like(logp)
     per_token = -(objective - beta * kl) * mask
 
@@ -92,3 +102,16 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=
                  "ratio_min": r.min().item(), "ratio_max": r.max().item(),
                  "adv_mean": advantages.float().mean().item(), "n_tokens": float(on.sum())}
     return loss, stats
+
+
+@torch.no_grad()
+def sampling_mismatch(logp, sampler_logp, mask):
+    """How far the scored log-probs are from the sampler's on the same tokens: mean and max |Δ log p| and
+    the range of the importance ratio π_θ/π_s (1 everywhere when sampling and scoring agree)."""
+    on = mask.bool()
+    if not on.any():
+        return {"logp_diff_mean": float("nan"), "logp_diff_max": float("nan"),
+                "sampler_ratio_min": float("nan"), "sampler_ratio_max": float("nan")}
+    d = (logp.float() - sampler_logp.float())[on]
+    return {"logp_diff_mean": d.abs().mean().item(), "logp_diff_max": d.abs().max().item(),
+            "sampler_ratio_min": d.exp().min().item(), "sampler_ratio_max": d.exp().max().item()}

@@ -34,6 +34,12 @@ VOCAB_SIZE = 1024
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64
 MAX_NEW_TOKENS = 160   # a toy reasoning path is about 100 tokens
 
+# The toy preset: train.py's defaults with `--data toy` (flags given on the command line still win).
+# Warm-up then StepGRPO on one CPU in minutes: a large warm-up lr and batch, 8 prompts x 4 samples.
+PRESET = dict(stage="both", sft_steps=600, sft_batch=32, sft_lr=2e-3, teacher_noise=0.5,
+              max_steps=150, prompts_per_step=8, grad_accum=1, temperature=1.0, lr=5e-5,
+              max_new_tokens=MAX_NEW_TOKENS, micro_batch=16, eval_n=500, save_every=50)
+
 
 def load_tiny(seed=0, **arch):
     """(model, tokenizer, image_processor): the TINY Qwen2-VL with random weights (`arch` overrides it)."""

@@ -1,182 +1,231 @@
 """train.py: SFT warm-up, then StepGRPO (R1-VL, arXiv 2503.12937), in one readable loop.
 
-    python train.py                                   # tiny Qwen2-VL, toy task, CPU: warm-up then StepGRPO
-    python train.py --model Qwen/Qwen2-VL-2B-Instruct --stage sft --data mulberry_260k.json --image_root imgs/
-    torchrun --nproc_per_node 4 train.py --model out/sft/final --stage rl --data r1vl_10k.jsonl --image_root imgs/
+    python train.py                                   # toy task, tiny Qwen2-VL, CPU: warm-up then StepGRPO
+    python train.py --model Qwen/Qwen2-VL-2B-Instruct --stage sft --data mulberry.json --image_root imgs/ --out_dir out/sft-2b
+    torchrun --nproc_per_node 4 train.py --model out/sft-2b/final --stage rl --data r1vl_10k.jsonl --image_root imgs/
     torchrun --nproc_per_node 8 train.py --model out/sft-7b/final --stage rl --fsdp ...     # 7B: sharded
 
-What one RL step does, and the choices made (METHOD.md §6):
-1. Sample M completions for each of `prompts_per_step` image-questions per rank (one prefill per
-   prompt, sampling seeded per prompt, so the same global batch gives the same samples on any
-   number of ranks and after a resume).
-2. Reward each with StepRAR + StepRVR (rewards.py); advantages are group z-scores (Eq. 4).
-3. One gradient step per rollout (official), so the PPO ratio is 1 and the loss is policy
-   gradient + β·k3-KL to the frozen starting model (Eq. 5); `--clip_eps` acts only with `--ppo_epochs > 1`.
-4. Whole groups stay on one rank; gradients are averaged by an explicit all-reduce (parallel.py),
-   and the loss is divided by the global count, so any number of ranks gives the same update.
-Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run
-under bf16 autocast.
+One StepGRPO step is `batch = collect(run, step)` then `update(run, batch, ...)`:
+1. collect: sample M completions for each of this rank's prompts in one batch (seeded per prompt, so the
+   samples do not depend on batching, ranks or resumes); reward each with StepRAR + StepRVR (Eqs. 2-3);
+   advantages are group z-scores (Eq. 4).
+2. update: reference log-probs once, without gradients; then the loss of Eq. 5 (policy gradient −
+   β·k3-KL to the frozen starting model) over micro-batches and one optimizer step. One step per rollout,
+   as the official code, so the ratio is 1 and the clip never acts (`--ppo_epochs > 1` makes it act).
+3. Whole groups stay on one rank; the loss is divided by the global count and gradients are summed by an
+   explicit all-reduce (parallel.py), so any number of ranks gives the same update.
+Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run under
+bf16 autocast and rollouts are sampled from a bf16 copy of the weights, refreshed after every step.
 """
-import argparse, json, math, os, random, time, types
+import argparse, dataclasses, json, math, os, random, sys, time
 
 import torch
 import torch.distributed as dist
 import transformers
+from tqdm import tqdm
 
-import checkpoint, data, model as M, parallel, rewards, rollout, toy
-from stepgrpo import group_advantages, policy_loss
+import checkpoint, data, logs, model as M, official, parallel, rewards, rollout, toy
+from stepgrpo import group_advantages, policy_loss, sampling_mismatch
+
 
 # ----------------------------------------------------------------------------- config
-# Defaults are the paper's (METHOD.md §1, §7) for real data; TOY is the embedded CPU preset, applied
-# with `--data toy` to every option not given on the command line.
-PAPER = dict(stage="rl", lr=1e-6, sft_lr=2e-5, sft_steps=1000, sft_batch=8, weight_decay_sft=0.05,
-             max_steps=1000, prompts_per_step=1, grad_accum=4, num_generations=4, temperature=1.2, top_p=1.0,
-             max_new_tokens=1024, max_prompt_len=1024, micro_batch=4, beta=0.04, alpha=0.1, clip_eps=0.2,
-             eval_every=0, eval_n=0, save_every=100, log_rollouts_every=10, difficulty=2, teacher_noise=0.0)
-TOY = dict(stage="both", lr=5e-5, sft_lr=2e-3, sft_steps=600, sft_batch=32, max_steps=150, prompts_per_step=8,
-           grad_accum=1, temperature=1.0, max_new_tokens=160, micro_batch=16, eval_n=500, save_every=50,
-           teacher_noise=0.5)
-
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-g = p.add_argument_group("run")
-g.add_argument("--model", default="tiny", help="hub id, local directory, or 'tiny'")
-g.add_argument("--data", default="toy", help="'toy', or a JSON/JSONL file (R1-VL-10K for RL, Mulberry messages for SFT)")
-g.add_argument("--image_root", default=None, help="folder image paths in --data are relative to")
-g.add_argument("--stage", choices=["sft", "rl", "both"])
-g.add_argument("--out_dir", default="out")
-g.add_argument("--seed", type=int, default=0)
-g.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint exactly")
-g.add_argument("--stop_after", type=int, default=0, help="end this run after N steps of a stage (continue with --resume)")
-g.add_argument("--dtype", default=None, help="autocast dtype on CUDA (bf16) or fp32")
-g.add_argument("--fsdp", action="store_true", help="shard blocks, gradients and optimizer state over ranks (FSDP2)")
-g.add_argument("--gradient_checkpointing", action="store_true")
-g.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
-g = p.add_argument_group("StepGRPO (paper defaults)")
-for name, kind in [("max_steps", int), ("prompts_per_step", int), ("grad_accum", int), ("num_generations", int),
-                   ("temperature", float), ("top_p", float), ("max_new_tokens", int), ("max_prompt_len", int),
-                   ("micro_batch", int), ("lr", float), ("beta", float), ("alpha", float), ("clip_eps", float)]:
-    g.add_argument(f"--{name}", type=kind)
-g.add_argument("--ppo_epochs", type=int, default=1, help="updates per rollout (>1 makes the clip act)")
-g.add_argument("--reward", default="step", choices=["step", "outcome", "steprar", "steprvr"])
-g.add_argument("--loss_norm", default="seq", choices=["seq", "token"])
-g = p.add_argument_group("SFT warm-up, evaluation, logging")
-for name, kind in [("sft_steps", int), ("sft_batch", int), ("sft_lr", float), ("eval_every", int), ("eval_n", int),
-                   ("save_every", int), ("log_rollouts_every", int), ("difficulty", int), ("teacher_noise", float)]:
-    g.add_argument(f"--{name}", type=kind)
-args = p.parse_args()
-preset = {**PAPER, **(TOY if args.data == "toy" else {})}
-for k, v in preset.items():
-    if getattr(args, k, None) is None:
-        setattr(args, k, v)
-config = vars(args)
-
-# ----------------------------------------------------------------------------- init
-transformers.utils.logging.disable_progress_bar()
-ddp, rank, world, device = parallel.setup()
-master = rank == 0
-bf16 = device.type == "cuda" and args.dtype != "fp32"
-amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
-ckpt_path = os.path.join(args.out_dir, "checkpoint", "ckpt.pt")
-os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
-random.seed(args.seed), torch.manual_seed(args.seed)
-
-
-def load_model(name):
-    net = M.load(name, device=device, dtype=torch.float32)
-    if args.gradient_checkpointing:
-        net[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (parallel.shard(net[0]), *net[1:]) if args.fsdp else net
-
-
-policy, tokenizer, image_processor = load_model(args.model)
-suppress_ids, _ = M.special_ids(tokenizer)
-max_pixels = image_processor.size["longest_edge"]
-
-if args.data == "toy":
-    # SFT imitates the teacher's paths (some miscount with --teacher_noise); RL is rewarded by the truth
-    train_set = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
-    eval_set = toy.dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
-    sft_set = [{**s, "response": s["teacher_solution"]} for s in train_set]
-else:
-    # Bad records are counted and logged by the loaders; a file with nothing usable is an error.
-    sft_set = data.load_sft_data(args.data, args.image_root) if args.stage != "rl" else []
-    train_set = data.load_rl_data(args.data, args.image_root) if args.stage != "sft" else []
-    eval_set = []
-skipped = {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0}
+def parse_args(argv=None):
+    """Every flag's default is the paper's (R1-VL §4.1 and its official code); `--data toy` applies toy.PRESET
+    to the flags not given on the command line. `--help` shows both."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--model", default="tiny", help="hub id, local directory (start it with ./ or /), or 'tiny'")
+    g.add_argument("--data", default="toy", help="'toy', or a JSON/JSONL file (R1-VL-10K for RL, Mulberry for SFT)")
+    g.add_argument("--image_root", default=None, help="folder the image paths in --data are relative to")
+    g.add_argument("--stage", default="rl", choices=["sft", "rl", "both"], help="warm-up, StepGRPO, or one then the other")
+    g.add_argument("--out_dir", default="out", help="logs, checkpoint, warmup/ and final/ models")
+    g.add_argument("--seed", type=int, default=0, help="data order, sampling and the toy task")
+    g.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint exactly")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds a checkpoint")
+    g.add_argument("--stop_after", type=int, default=0, help="end after N steps of a stage (continue with --resume)")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    g.add_argument("--fsdp", action="store_true", help="shard blocks, gradients and optimizer state over ranks (FSDP2)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--wandb", default=None, help="wandb project name (needs `pip install wandb`)")
+    g = p.add_argument_group("StepGRPO")
+    g.add_argument("--max_steps", type=int, default=1000, help="RL steps (optimizer updates)")
+    g.add_argument("--prompts_per_step", type=int, default=1, help="prompts per rank per accumulation step")
+    g.add_argument("--grad_accum", type=int, default=4, help="accumulation steps; a rank samples all its prompts at once")
+    g.add_argument("--num_generations", type=int, default=4, help="M, completions per prompt")
+    g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (evaluation only: RL needs 1.0)")
+    g.add_argument("--max_new_tokens", type=int, default=1024, help="completion length limit")
+    g.add_argument("--max_prompt_len", type=int, default=1024, help="longer prompts are skipped, never cut")
+    g.add_argument("--micro_batch", type=int, default=4, help="rows per forward/backward in the update")
+    g.add_argument("--lr", type=float, default=1e-6, help="AdamW, linear decay, no warm-up")
+    g.add_argument("--beta", type=float, default=0.04, help="β, weight of the KL to the reference (Eq. 5)")
+    g.add_argument("--alpha", type=float, default=0.1, help="α, weight of the key-step match in StepRAR (Eq. 2)")
+    g.add_argument("--reward", default="step", choices=rewards.KINDS,
+                   help="step = StepRAR + StepRVR; outcome = answer only (GRPO); or one of the two")
+    g.add_argument("--reward_impl", default="paper", choices=["paper", "official"],
+                   help="the paper's Eqs. 2-3, or the released code's reward functions, quirks included")
+    g.add_argument("--loss_norm", default="seq", choices=["seq", "token"], help="mean per completion, or per token")
+    g.add_argument("--ppo_epochs", type=int, default=1, help="updates per rollout (>1 makes the clip act)")
+    g.add_argument("--clip_eps", type=float, default=0.2, help="PPO clip range, with --ppo_epochs > 1")
+    g.add_argument("--tis_cap", type=float, default=0.0,
+                   help="truncated importance sampling: weight tokens by min(π_θ/π_sampler, cap); 0 = off")
+    g = p.add_argument_group("SFT warm-up, data, evaluation, logging")
+    g.add_argument("--sft_steps", type=int, default=1000, help="warm-up steps")
+    g.add_argument("--sft_batch", type=int, default=8, help="warm-up samples per rank per step")
+    g.add_argument("--sft_lr", type=float, default=2e-5, help="warm-up peak lr (3%% warm-up, cosine)")
+    g.add_argument("--sft_weight_decay", type=float, default=0.05, help="warm-up AdamW weight decay")
+    g.add_argument("--drop_reflective", action="store_true", help="drop SFT samples with a self-correction step")
+    g.add_argument("--derive_key_steps", action="store_true", help="derive missing key steps from the solution")
+    g.add_argument("--eval_every", type=int, default=0, help="held-out accuracy every N RL steps (toy)")
+    g.add_argument("--eval_n", type=int, default=0, help="held-out questions (toy)")
+    g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
+    g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
+    g.add_argument("--difficulty", type=int, default=2, choices=sorted(toy.LEVELS), help="toy task level")
+    g.add_argument("--teacher_noise", type=float, default=0.0, help="toy warm-up paths that miscount")
+    for action in p._actions:
+        if action.dest in toy.PRESET:
+            action.help += f" [toy: {toy.PRESET[action.dest]}]"
+    known, _ = p.parse_known_args(argv)
+    if known.data == "toy":
+        p.set_defaults(**toy.PRESET)
+    args = p.parse_args(argv)
+    if args.top_p < 1 and args.stage != "sft":
+        p.error("--top_p < 1 samples from the nucleus, but the loss scores the full distribution: use --top_p 1 in RL")
+    return args
 
 
-run = types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)   # stands in for wandb when off
-if args.wandb and master:
-    import wandb
-    run = wandb.init(project=args.wandb, config=config)
+# ----------------------------------------------------------------------------- setup
+@dataclasses.dataclass
+class Run:
+    """Everything a stage needs: the config, the processes, the models and the data."""
+    args: argparse.Namespace
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+    amp: object                 # autocast context (bf16 on CUDA), or a no-op
+    policy: torch.nn.Module     # fp32 master weights, trained
+    sampler: torch.nn.Module    # what rollouts are sampled from: the policy, or its inference copy
+    tokenizer: object
+    image_processor: object
+    sft_set: list
+    train_set: list
+    eval_set: list
+    log: logs.Log
+    reference: torch.nn.Module = None   # frozen starting model of the RL stage
+    skipped: dict = dataclasses.field(default_factory=lambda: {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0})
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.args.out_dir, "checkpoint", "ckpt.pt")
 
 
-def log_jsonl(name, record):
-    if master:
-        with open(os.path.join(args.out_dir, name), "a") as f:
-            f.write(json.dumps(record) + "\n")
+def load_data(args):
+    """(sft_set, train_set, eval_set). For the toy task SFT imitates the teacher's paths (some miscount with
+    --teacher_noise) while RL is rewarded by the truth. Real files: bad records are counted and logged by
+    the loaders; a file with nothing usable is an error."""
+    if args.data == "toy":
+        train = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
+        held = toy.dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
+        return [{**s, "response": s["teacher_solution"]} for s in train], train, held
+    sft = data.load_sft_data(args.data, args.image_root, drop_reflective=args.drop_reflective) if args.stage != "rl" else []
+    rl = data.load_rl_data(args.data, args.image_root, derive_key_steps=args.derive_key_steps) if args.stage != "sft" else []
+    return sft, rl, []
 
 
-def images_of(samples):
-    """Open each sample's image; an unreadable one is logged, counted and its sample dropped.
-    Returns (samples kept, their images, their indices in `samples`)."""
-    good, images, keep = [], [], []
+def load_model(args, name, device):
+    """The model in fp32 (master weights), FSDP-sharded with --fsdp. A user's mistake gives one line."""
+    try:
+        net, tokenizer, image_processor = M.load(name, device=device, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
+    if args.gradient_checkpointing:   # transformers >= 5.24 names it activation checkpointing
+        enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    return (parallel.shard(net) if args.fsdp else net), tokenizer, image_processor
+
+
+def check_inputs(args):
+    """Mistakes a person can fix, found before any model is loaded or out_dir is touched."""
+    name = args.model
+    if name != "tiny" and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+        raise SystemExit(f"error: model directory {name!r} does not exist (a hub id looks like 'Qwen/Qwen2-VL-2B-Instruct')")
+    if args.data != "toy" and not os.path.isfile(args.data):
+        raise SystemExit(f"error: data file {args.data!r} not found")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401  (only checked here; logs.py imports it)
+        except ImportError:
+            raise SystemExit("error: --wandb needs wandb: pip install wandb")
+    saved = checkpoint.stage_of(os.path.join(args.out_dir, "checkpoint", "ckpt.pt"))
+    if args.resume and saved is None:
+        raise SystemExit(f"error: --resume, but {args.out_dir}/checkpoint holds no checkpoint: run without --resume")
+    if not args.resume and saved is not None and not args.overwrite:
+        raise SystemExit(f"error: {args.out_dir} holds a {saved} checkpoint: add --resume to continue it, "
+                         "--overwrite to start afresh, or use another --out_dir")
+
+
+def setup(args):
+    transformers.utils.logging.disable_progress_bar()
+    check_inputs(args)
+    try:
+        sft_set, train_set, eval_set = load_data(args)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    ddp, rank, world, device = parallel.setup()
+    random.seed(args.seed), torch.manual_seed(args.seed)
+    policy, tokenizer, image_processor = load_model(args, args.model, device)
+    bf16 = args.dtype == "bf16" or (device.type == "cuda" and args.dtype is None)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers.
+    sampler = M.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if bf16 or args.fsdp else policy
+    os.makedirs(os.path.join(args.out_dir, "checkpoint"), exist_ok=True)
+    return Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
+               eval_set, logs.Log(args, rank == 0))
+
+
+def open_images(run, samples):
+    """(samples kept, their images, their indices); an unreadable image is logged, counted and its sample dropped."""
+    kept, images, index = [], [], []
     for i, s in enumerate(samples):
         try:
-            images.append(data.load_image(s.get("image") or s.get("image_path"), max_pixels)), good.append(s), keep.append(i)
+            images.append(data.load_image(s.get("image") or s.get("image_path"), run.image_processor.size["longest_edge"]))
+            kept.append(s), index.append(i)
         except ValueError as e:
-            skipped["bad_image"] += 1
-            print(f"[rank {rank}] skipping sample {s.get('id')}: {e}")
-    return good, images, keep
+            run.skipped["bad_image"] += 1
+            run.log.print(f"[rank {run.rank}] skipping sample {s.get('id')}: {e}")
+    return kept, images, index
 
 
-def sample(net, samples, images, **kw):
-    with amp, parallel.gathered(net, args.fsdp):
-        return rollout.generate(net, tokenizer, image_processor, images, [s["problem"] for s in samples],
-                                max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len, **kw)
+def generate(run, samples, images, **kw):
+    with run.amp:
+        return rollout.generate(run.sampler, run.tokenizer, run.image_processor, images, [s["problem"] for s in samples],
+                                max_new_tokens=run.args.max_new_tokens, max_prompt_len=run.args.max_prompt_len, **kw)
 
 
-def heldout_accuracy(net, samples, step, batch=32):
-    """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR),
-    also logged as an "eval" row at `step` of the RL stage (0: the warm-up)."""
-    correct, valid = [], []
-    mine = samples[rank::world]
-    for i in range(0, math.ceil(len(samples) / world), batch):   # the same number of calls on every rank
-        chunk, images, _ = images_of(mine[i:i + batch])
-        ro = sample(net, chunk, images, num_samples=1, greedy=True)
+def heldout_accuracy(run, samples, step, batch=32):
+    """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR), both
+    fractions, also logged as an "eval" row at `step` of the RL stage (0: the warm-up)."""
+    correct, valid, mine = [], [], samples[run.rank::run.world]
+    for i in range(0, len(mine), batch):
+        chunk, images, _ = open_images(run, mine[i:i + batch])
+        ro = generate(run, chunk, images, num_samples=1, greedy=True)
         for text, g in zip(ro.texts if ro else [], ro.group.tolist() if ro else []):
-            r = rewards.reward(text, chunk[ro.kept[g]], kind="step", alpha=args.alpha)
+            r = rewards.reward(text, chunk[ro.kept[g]], kind="step", alpha=run.args.alpha)
             correct.append(float(r["correct"])), valid.append(r["step_rvr"])
     missing = [0.0] * (len(mine) - len(correct))         # skipped samples count as wrong
-    m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), device, ddp)
-    log_jsonl("metrics.jsonl", dict(stage="eval", step=step, **m))
+    m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), run.device, run.ddp)
+    run.log.write("metrics.jsonl", dict(stage="eval", step=step, **m))
     return m["accuracy"], m["format_valid"]
 
 
-def save_checkpoint(stage, step, optimizer, scheduler):
-    checkpoint.save(ckpt_path, stage, step, policy, optimizer, scheduler, dict(skipped=skipped, config=config),
-                    args.fsdp, ddp, master)
-
-
-def load_checkpoint(stage, optimizer, scheduler):
-    """Restore a checkpoint of `stage` when resuming; returns the step to continue from (0 if none)."""
-    state = checkpoint.load(ckpt_path, stage, policy, optimizer, scheduler, args.fsdp, rank) if args.resume else None
-    if state is None:
-        return 0
-    skipped.update(state["skipped"])
-    if master:
-        checkpoint.trim_log(os.path.join(args.out_dir, "metrics.jsonl"), stage, state["step"])
-        print(f"resumed {stage} at step {state['step']}")
-    return state["step"]
-
-
-def save_pretrained(name):
-    checkpoint.save_pretrained(os.path.join(args.out_dir, name), policy, tokenizer, image_processor, args.fsdp,
-                               ddp, master)
-
-
-def make_optimizer(lr, weight_decay, steps, warmup_frac, cosine):
-    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
+# ----------------------------------------------------------------------------- optimisation and checkpoints
+def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
+    opt = torch.optim.AdamW([q for q in run.policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
     warm = max(1, int(warmup_frac * steps))
 
     def factor(s):  # SFT: warm-up then cosine (paper); RL: linear decay, no warm-up (official)
@@ -187,222 +236,232 @@ def make_optimizer(lr, weight_decay, steps, warmup_frac, cosine):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(optimizer, scheduler, loss_value):
-    """Sync, clip and step, unless the loss was not finite on some rank (then skip and log)."""
-    bad = torch.tensor(float(not math.isfinite(loss_value)), device=device)
-    if ddp:
+def optimizer_step(run, optimizer, scheduler, loss_value):
+    """Sync, clip and step, unless the loss was not finite on some rank (then skip and log); then refresh the
+    sampler's copy of the weights. Returns the gradient norm before clipping."""
+    bad = torch.tensor(float(not math.isfinite(loss_value)), device=run.device)
+    if run.ddp:
         dist.all_reduce(bad)
-    params = [q for q in policy.parameters() if q.requires_grad]
-    parallel.sync_gradients(params, world)
+    params = [q for q in run.policy.parameters() if q.requires_grad]
+    parallel.sync_gradients(params, run.world)
     norm = parallel.clip_gradients(params, 1.0)
     if bad:
-        skipped["nonfinite_loss"] += 1
-        print(f"non-finite loss {loss_value}: update skipped")
+        run.skipped["nonfinite_loss"] += 1
+        run.log.print(f"non-finite loss {loss_value}: update skipped")
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+    if run.sampler is not run.policy:
+        M.refresh_inference_copy(run.sampler, run.policy)
     return norm
 
 
-def end_of_step(stage, step, start, last, optimizer, scheduler):
-    if (step + 1) % args.save_every == 0 or step + 1 == last:
-        save_checkpoint(stage, step + 1, optimizer, scheduler)
-    if args.stop_after and step + 1 - start == args.stop_after:
-        raise SystemExit(f"stopped after {args.stop_after} steps; continue with --resume")
+def end_of_step(run, stage, step, start, last, optimizer, scheduler):
+    if (step + 1) % run.args.save_every == 0 or step + 1 == last:
+        checkpoint.save(run.ckpt_path, stage, step + 1, run.policy, optimizer, scheduler,
+                        dict(skipped=run.skipped, config=vars(run.args)), run.args.fsdp, run.ddp, run.master)
+    if run.args.stop_after and step + 1 - start == run.args.stop_after:
+        raise SystemExit(f"stopped after {run.args.stop_after} steps; continue with --resume")
 
 
 # ----------------------------------------------------------------------------- stage 1: SFT warm-up
-def sft():
-    """Token NLL on the assistant turn (the response plus its closing <|im_end|>)."""
-    optimizer, scheduler = make_optimizer(args.sft_lr, preset["weight_decay_sft"], args.sft_steps, 0.03, True)
-    start = load_checkpoint("sft", optimizer, scheduler)
-    policy.train()
-    for step in range(start, args.sft_steps):
+def sft_loss(run, samples, images):
+    """Token NLL of the assistant turn (the response and its closing <|im_end|>), divided by the global token
+    count so ranks add up to the global mean. Every rank runs the same collectives whatever it skipped; under
+    FSDP a rank with nothing left runs a placeholder with weight 0, since sharded forwards go in lockstep."""
+    a = run.args
+    batch = M.build_inputs(run.tokenizer, run.image_processor, images, [s["problem"] for s in samples],
+                           max_prompt_len=a.max_prompt_len) if samples else None
+    kept = batch.pop("kept") if batch else []
+    run.skipped["long_prompt"] += len(samples) - len(kept)
+    responses = [samples[i]["response"] for i in kept]
+    weight = 1.0
+    if not kept and a.fsdp:
+        batch = M.build_inputs(run.tokenizer, run.image_processor, [parallel.placeholder_image()], [""])
+        batch.pop("kept")
+        responses, weight = [""], 0.0
+    targets = [run.tokenizer(r + "<|im_end|>", add_special_tokens=False)["input_ids"][:a.max_new_tokens] for r in responses]
+    count = torch.tensor(float(sum(map(len, targets))) * weight, device=run.device)
+    if run.ddp:
+        dist.all_reduce(count)
+    if not targets:
+        return torch.zeros((), device=run.device)
+    ids = torch.full((len(targets), max(map(len, targets))), run.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, device=run.device)
+    for r, t in enumerate(targets):
+        ids[r, :len(t)], mask[r, :len(t)] = torch.tensor(t), 1
+    with run.amp:
+        logp = M.completion_logprobs(run.policy, {k: v.to(run.device) if v is not None else None for k, v in batch.items()},
+                                     ids.to(run.device))
+    return -(logp * mask).sum() * weight / (count.clamp(min=1) / run.world)
+
+
+def sft(run):
+    a = run.args
+    optimizer, scheduler = make_optimizer(run, a.sft_lr, a.sft_weight_decay, a.sft_steps, 0.03, True)
+    start = checkpoint.restore(run, "sft", optimizer, scheduler)
+    run.policy.train()
+    for step in tqdm(range(start, a.sft_steps), desc="SFT warm-up", initial=start, total=a.sft_steps, disable=not run.master):
         t0 = time.time()
-        samples, images, _ = images_of(data.batch_at(sft_set, step, args.sft_batch, rank, world, args.seed + 7)[0])
-        batch = M.build_inputs(tokenizer, image_processor, images, [s["problem"] for s in samples],
-                               max_prompt_len=args.max_prompt_len)
-        kept = batch.pop("kept") if batch else []
-        skipped["long_prompt"] += len(samples) - len(kept)
-        loss = torch.zeros((), device=device)
-        if kept:
-            targets = [tokenizer(samples[i]["response"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-                       [:args.max_new_tokens] for i in kept]
-            ids = torch.full((len(kept), max(map(len, targets))), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(ids.shape, device=device)
-            for r, t in enumerate(targets):
-                ids[r, :len(t)], mask[r, :len(t)] = torch.tensor(t), 1
-            with amp:
-                logp = M.completion_logprobs(policy, {k: v.to(device) if v is not None else None
-                                                      for k, v in batch.items()}, ids.to(device))
-            count = mask.sum()                      # the global token count: ranks add up to the global mean
-            if ddp:
-                dist.all_reduce(count)
-            loss = -(logp * mask).sum() / (count / world)
+        samples, images, _ = open_images(run, data.batch_at(run.sft_set, step, a.sft_batch, run.rank, run.world, a.seed + 7)[0])
+        loss = sft_loss(run, samples, images)
+        if loss.requires_grad:
             loss.backward()
-        norm = optimizer_step(optimizer, scheduler, loss.item())
+        norm = optimizer_step(run, optimizer, scheduler, loss.item())
         loss = loss.detach()
-        if ddp:                                     # log the global mean, not this rank's share
+        if run.ddp:                                     # log the global mean, not this rank's share
             dist.all_reduce(loss)
-            loss /= world
-        record = dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
-                      lr=scheduler.get_last_lr()[0], seconds=time.time() - t0)
-        log_jsonl("metrics.jsonl", record), run.log(record)
-        if master and (step + 1) % 50 == 0:
-            print(f"sft step {step + 1}/{args.sft_steps} loss {loss.item():.4f}")
-        end_of_step("sft", step, start, args.sft_steps, optimizer, scheduler)
+            loss /= run.world
+        run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
+                                            lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
+        end_of_step(run, "sft", step, start, a.sft_steps, optimizer, scheduler)
 
 
 # ----------------------------------------------------------------------------- stage 2: StepGRPO
-def rl(reference, bar):
-    optimizer, scheduler = make_optimizer(args.lr, 0.0, args.max_steps * args.ppo_epochs, 0.0, False)
-    start = load_checkpoint("rl", optimizer, scheduler)
-    m = args.num_generations
-    for step in range(start, args.max_steps):
-        t0, times, parts = time.time(), {"generate": 0.0, "reward": 0.0, "reference": 0.0, "update": 0.0}, []
-        for accum in range(args.grad_accum):
-            # --- rollout: M samples per prompt, each prompt's sampling seeded by its global position
-            t = time.time()
-            samples, positions = data.batch_at(train_set, step * args.grad_accum + accum, args.prompts_per_step, rank, world, args.seed)
-            samples, images, keep = images_of(samples)
-            ro = sample(policy, samples, images, num_samples=m, temperature=args.temperature, top_p=args.top_p,
-                        seeds=[args.seed * 1_000_003 + positions[i] for i in keep])
-            times["generate"] += time.time() - t
-            skipped["long_prompt"] += len(samples) - (len(ro.kept) if ro else 0)
-            if ro is None:
-                continue
-            # --- rewards (Eqs. 2-3) and group advantages (Eq. 4)
-            t = time.time()
-            rs = [rewards.reward(text, samples[ro.kept[g]], kind=args.reward, alpha=args.alpha)
-                  for text, g in zip(ro.texts, ro.group.tolist())]
-            adv, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), m)
-            parts.append(dict(ro=ro, samples=samples, rs=rs, adv=adv.to(device), frac_zero=frac_zero))
-            times["reward"] += time.time() - t
-        # --- micro-batches of rows; reference log-probs once, without keeping activations
-        t = time.time()
-        by_length = [(p, p["ro"].completion_mask.sum(1).argsort().tolist()) for p in parts]   # less padding
-        jobs = parallel.lockstep([(p, order[s:s + args.micro_batch]) for p, order in by_length
-                                  for s in range(0, len(order), args.micro_batch)], args.fsdp, ddp)
-        with torch.no_grad(), amp:
-            ref = [M.completion_logprobs(reference, *p["ro"].rows(rows)[:2], args.temperature, suppress_ids)
-                   if args.beta else None for (p, rows), _ in jobs]
-        times["reference"] += time.time() - t
-        # --- update: the loss is divided by the global count of completions (or tokens), so
-        # micro-batches, accumulation and ranks add up to exactly the mean over the global batch.
-        t = time.time()
-        count = torch.tensor(float(sum(p["ro"].completion_mask.sum() if args.loss_norm == "token" else len(p["rs"])
-                                       for p in parts)), device=device)
-        if ddp:
+@dataclasses.dataclass
+class Batch:
+    """One RL step's experience on this rank: rows of a prompt's group are consecutive."""
+    rollout: rollout.Rollout | None   # completions (None: every prompt skipped)
+    samples: list                     # the sample each row answers
+    rewards: list                     # per row: {"total", "step_rar", "step_rvr", "correct", "k", ...}
+    advantages: torch.Tensor          # per row, Eq. 4
+    frac_zero_std: float              # share of groups whose rewards are all equal (no policy gradient)
+    seconds: logs.Timer
+
+
+def collect(run, step):
+    """Rollouts for this rank's prompts of `step` (each seeded by its position in the data stream), their
+    rewards (StepRAR + StepRVR, Eqs. 2-3) and group advantages (Eq. 4)."""
+    a, timer, m = run.args, logs.Timer(), run.args.num_generations
+    samples, positions = data.batch_at(run.train_set, step, a.prompts_per_step * a.grad_accum, run.rank, run.world, a.seed)
+    samples, images, index = open_images(run, samples)
+    with timer("generate"):
+        ro = generate(run, samples, images, num_samples=m, temperature=a.temperature,
+                      seeds=[a.seed * 1_000_003 + positions[i] for i in index])
+    run.skipped["long_prompt"] += len(samples) - (len(ro.kept) if ro else 0)
+    if ro is None:
+        return Batch(None, [], [], torch.zeros(0), 0.0, timer)
+    with timer("reward"):
+        answered = [samples[ro.kept[g]] for g in ro.group.tolist()]
+        judge = official.reward if a.reward_impl == "official" else rewards.reward
+        rs = [judge(text, s, kind=a.reward, alpha=a.alpha) for text, s in zip(ro.texts, answered)]
+        advantages, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), m)
+    return Batch(ro, answered, rs, advantages.to(run.device), frac_zero, timer)
+
+
+def update(run, batch, optimizer, scheduler):
+    """Reference log-probs, the loss of Eq. 5 over micro-batches of rows, one optimizer step. The loss is divided
+    by the global count of completions (or tokens), so micro-batches and ranks add up to the global mean."""
+    a, ro, timer = run.args, batch.rollout, batch.seconds
+    jobs = micro_batches(run, batch)
+    with timer("reference"), torch.no_grad(), run.amp:
+        ref = [M.completion_logprobs(run.reference, *ro.rows(rows)[:2], a.temperature, ro.suppress_ids)
+               if a.beta else None for rows, _ in jobs]
+    with timer("update"):
+        n = 0 if ro is None else float(ro.completion_mask.sum()) if a.loss_norm == "token" else len(batch.rewards)
+        count = torch.tensor(float(n), device=run.device)
+        if run.ddp:
             dist.all_reduce(count)
-        old = [None] * len(jobs)
-        for epoch in range(args.ppo_epochs):
-            stats = []
-            for j, ((p, rows), weight) in enumerate(jobs):
-                prompt, ids, cmask = p["ro"].rows(rows)
-                with amp:
-                    lp = M.completion_logprobs(policy, prompt, ids, args.temperature, suppress_ids)
-                loss, st = policy_loss(lp, old[j], ref[j], p["adv"][rows], cmask, args.beta, args.clip_eps,
-                                       args.loss_norm, denom=count.clamp(min=1) / world)
+        old, stats = [None] * len(jobs), []
+        for epoch in range(a.ppo_epochs):
+            for j, (rows, weight) in enumerate(jobs):
+                prompt, ids, mask = ro.rows(rows)
+                sampled = ro.logprobs[rows, :ids.shape[1]]
+                with run.amp:
+                    logp = M.completion_logprobs(run.policy, prompt, ids, a.temperature, ro.suppress_ids)
+                loss, st = policy_loss(logp, old[j], ref[j], batch.advantages[rows], mask, a.beta, a.clip_eps,
+                                       a.loss_norm, denom=count.clamp(min=1) / run.world,
+                                       sampler_logp=sampled if a.tis_cap else None, tis_cap=a.tis_cap)
                 (loss * weight).backward()
-                if epoch == 0 and args.ppo_epochs > 1:   # π_old for the later epochs (PPO clipping acts)
-                    old[j] = lp.detach()
-                if weight:
-                    stats.append(dict(st, loss=loss.item(), rows=len(rows)))
-            loss_value = sum(x["loss"] for x in stats)
-            norm = optimizer_step(optimizer, scheduler, loss_value)   # every rank steps, even with no samples
-        times["update"] += time.time() - t
-        # --- log: per-sample figures are averaged over all ranks' samples
-        rs = [r for part in parts for r in part["rs"]]
-        lens = [float(x) for part in parts for x in part["ro"].completion_mask.sum(1)]
-        per_sample = dict(reward=[r["total"] for r in rs], step_rar=[r["step_rar"] for r in rs],
-                          step_rvr=[r["step_rvr"] for r in rs], accuracy=[float(r["correct"]) for r in rs],
-                          key_step_match=[r["k"] for r in rs], completion_len=lens,
-                          truncated=[float(x) for part in parts for x in part["ro"].truncated],
-                          frac_reward_zero_std=[part["frac_zero"] for part in parts],
-                          kl=[x["kl"] for x in stats for _ in range(x["rows"])],   # micro-batch means, by rows
-                          clip_frac=[x["clip_frac"] for x in stats for _ in range(x["rows"])])
-        record = dict(stage="rl", step=step + 1, **parallel.global_means(per_sample, device, ddp),
-                      loss=loss_value, grad_norm=norm, lr=scheduler.get_last_lr()[0], seconds=time.time() - t0,
-                      tokens_per_s=sum(lens) * world / max(times["generate"], 1e-9),
-                      **{f"time_{k}": v for k, v in times.items()})
-        log_jsonl("metrics.jsonl", record), run.log(record)
-        if args.log_rollouts_every and (step + 1) % args.log_rollouts_every == 0:
-            for part in parts:
-                for text, r, g in zip(part["ro"].texts, part["rs"], part["ro"].group.tolist()):
-                    log_jsonl("rollouts.jsonl", dict(step=step + 1, id=part["samples"][part["ro"].kept[g]].get("id"),
-                                                     completion=text, **r))
-        bar.update(1), bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}",
-                                       kl=f"{record['kl']:.4f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and eval_set:
-            heldout_accuracy(policy, eval_set, step + 1)
-        end_of_step("rl", step, start, args.max_steps, optimizer, scheduler)
+                if epoch == 0 and a.ppo_epochs > 1:   # π_old for the later epochs
+                    old[j] = logp.detach()
+                if weight and epoch == 0:
+                    stats.append(dict(st, **sampling_mismatch(logp.detach(), sampled, mask), loss=loss.item(), rows=len(rows)))
+            loss_value = sum(s["loss"] for s in stats)
+            norm = optimizer_step(run, optimizer, scheduler, loss_value)   # every rank steps, even with no rows
+    return dict(loss=loss_value, grad_norm=norm, micro=stats)
 
 
-def plot_curves():
-    """metrics.jsonl → training_curves.png (reward components, accuracy, KL, length, SFT loss)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(os.path.join(args.out_dir, "metrics.jsonl"))]
-    panels = [("sft", ["loss"]), ("rl", ["reward", "step_rar", "step_rvr"]), ("rl", ["accuracy", "key_step_match"]),
-              ("rl", ["kl"]), ("rl", ["completion_len"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (stage, keys) in zip(axes, panels):
-        for k in keys:   # faint: every step; solid: trailing mean of 10 (one RL step sees only 8 prompts)
-            pts = [(r["step"], r[k]) for r in rows if r["stage"] == stage and k in r]
-            x, y = zip(*pts) if pts else ((), ())
-            if w := min(10, len(y)):
-                line, = ax.plot(x, y, lw=0.6, alpha=0.35)
-                ax.plot(x[w - 1:], [sum(y[i + 1 - w:i + 1]) / w for i in range(w - 1, len(y))], color=line.get_color(), label=k)
-        held = [(r["step"], r["accuracy"]) for r in rows if r["stage"] == "eval"]
-        if "accuracy" in keys and held:
-            ax.plot(*zip(*held), "ko-", ms=4, label="held-out, greedy")
-        ax.set_title(f"{stage}: {', '.join(keys)}", fontsize=9), ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, "training_curves.png"), dpi=110)
+def micro_batches(run, batch):
+    """[(rows, weight)]: rows sorted by completion length (less padding) in chunks of --micro_batch, padded
+    across ranks under FSDP with weight-0 repeats so every rank runs the same number of sharded forwards."""
+    order = batch.rollout.completion_mask.sum(1).argsort().tolist() if batch.rollout else []
+    jobs = [order[s:s + run.args.micro_batch] for s in range(0, len(order), run.args.micro_batch)]
+    return parallel.lockstep(jobs, run.args.fsdp, run.ddp)
+
+
+def load_reference(run):
+    """The frozen starting model of the RL stage (--model, or the warm-up's result), in the policy's own dtype
+    and sharding, so that the two agree bitwise until the first update (KL exactly 0 at step 0)."""
+    start = os.path.join(run.args.out_dir, "warmup") if run.args.stage == "both" else run.args.model
+    return load_model(run.args, start, run.device)[0].eval().requires_grad_(False)
+
+
+def rl(run):
+    a = run.args
+    optimizer, scheduler = make_optimizer(run, a.lr, 0.0, a.max_steps * a.ppo_epochs, 0.0, False)
+    start = checkpoint.restore(run, "rl", optimizer, scheduler)
+    run.policy.train()        # gradient checkpointing acts only in train mode; the model has no dropout
+    bar = tqdm(range(start, a.max_steps), desc="StepGRPO", initial=start, total=a.max_steps, disable=not run.master)
+    for step in bar:
+        t0 = time.time()
+        batch = collect(run, step)                             # rollouts, rewards, advantages
+        result = update(run, batch, optimizer, scheduler)      # reference log-probs, loss, optimizer step
+        record = logs.rl_record(run, step, batch, result, time.time() - t0)
+        run.log.write("metrics.jsonl", record)
+        if a.log_rollouts_every and (step + 1) % a.log_rollouts_every == 0 and batch.rollout:
+            for text, s, r in zip(batch.rollout.texts, batch.samples, batch.rewards):
+                run.log.write("rollouts.jsonl", dict(step=step + 1, id=s.get("id"), completion=text, **r))
+        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
+        if a.eval_every and (step + 1) % a.eval_every == 0 and run.eval_set:
+            heldout_accuracy(run, run.eval_set, step + 1)
+        end_of_step(run, "rl", step, start, a.max_steps, optimizer, scheduler)
 
 
 # ----------------------------------------------------------------------------- main
-t_start, summary = time.time(), {}
-if not args.resume and master:
-    for name in ("metrics.jsonl", "rollouts.jsonl"):
-        if os.path.exists(os.path.join(args.out_dir, name)):
-            os.remove(os.path.join(args.out_dir, name))
-ran_sft = args.stage in ("sft", "both") and not (args.resume and checkpoint.stage_of(ckpt_path) == "rl")
-if ran_sft:
-    sft()
-    if args.stage == "both":
-        save_pretrained("warmup")
-    if eval_set:
-        summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(policy, eval_set, 0)
-        if master:
-            print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
-if args.stage in ("rl", "both"):
-    # The reference is the frozen starting model of the RL stage: --model, or the warm-up result.
-    reference = load_model(os.path.join(args.out_dir, "warmup") if args.stage == "both" else args.model)[0]
-    reference.eval().requires_grad_(False)
-    if bf16 and not args.fsdp:   # frozen: the compute dtype is enough
-        reference.to(torch.bfloat16)
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, desc="StepGRPO", disable=not master)
-    rl(reference, bar)
-    bar.close()
-    if eval_set:
-        summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(policy, eval_set, args.max_steps)
-        if master:
-            print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
-save_pretrained("final")
-if master:
-    rl_rows = [json.loads(line) for line in open(os.path.join(args.out_dir, "metrics.jsonl")) if '"stage": "rl"' in line]
-    if rl_rows:
-        mean = lambda rs: sum(r["reward"] for r in rs) / len(rs)
-        summary.update(reward_first=mean(rl_rows[:10]), reward_last=mean(rl_rows[-10:]))   # 10-step means
-    plot_curves()
-    summary.update(seconds=round(time.time() - t_start, 1), skipped=skipped, out_dir=args.out_dir)
-    run.finish()
-    print(json.dumps(summary))
-if ddp:
-    dist.destroy_process_group()
+def main(argv=None):
+    args = parse_args(argv)
+    run, t_start, summary = setup(args), time.time(), {}
+    if not args.resume and run.master:
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+    try:
+        if args.stage in ("sft", "both") and not (args.resume and checkpoint.stage_of(run.ckpt_path) == "rl"):
+            sft(run)
+            summary["sft_records"] = len(run.sft_set)
+            if args.stage == "both":
+                save_pretrained(run, "warmup")
+            if run.eval_set:
+                summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(run, run.eval_set, 0)
+                run.log.print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
+        if args.stage in ("rl", "both"):
+            run.reference = load_reference(run)
+            rl(run)
+            summary["rl_records"] = len(run.train_set)
+            if run.eval_set:
+                summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(run, run.eval_set, args.max_steps)
+                run.log.print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
+    except KeyboardInterrupt:
+        saved = checkpoint.stage_of(run.ckpt_path)
+        where = f"the last checkpoint ({saved}) is in {os.path.dirname(run.ckpt_path)}" if saved else "no checkpoint was saved"
+        raise SystemExit(f"\ninterrupted: {where}; continue with: python {' '.join(sys.argv)} --resume")
+    save_pretrained(run, "final")
+    if run.master:
+        logs.plot_curves(args.out_dir)
+        summary.update(logs.reward_summary(args.out_dir), seconds=round(time.time() - t_start, 1),
+                       skipped=run.skipped, out_dir=args.out_dir)
+        run.log.finish()
+        print(json.dumps(logs.finite(summary)))
+    if run.ddp:
+        dist.destroy_process_group()
+
+
+def save_pretrained(run, name):
+    checkpoint.save_pretrained(os.path.join(run.args.out_dir, name), run.policy, run.tokenizer, run.image_processor,
+                               run.args.fsdp, run.ddp, run.master)
+
+
+if __name__ == "__main__":
+    main()

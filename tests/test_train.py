@@ -1,4 +1,5 @@
-"""The training loop end to end: SFT learns, RL learns a trivial reward, DDP and resume are exact."""
+"""The training loop end to end: SFT learns, RL learns a trivial reward, DDP and resume are exact;
+and the step itself, called directly: train.py imports without side effects."""
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 import model as M
 import rollout as R
+import train as T
 from stepgrpo import group_advantages, policy_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +87,8 @@ def test_resume_continues_exactly(warm, tmp_path):
     assert [drop(r) for r in metrics(tmp_path / "full")] == [drop(r) for r in metrics(tmp_path / "split")]
     rollouts = [json.loads(line) for line in open(tmp_path / "full" / "rollouts.jsonl")]
     assert {"completion", "total", "step_rar", "step_rvr", "matched"} <= set(rollouts[0])
+    resumed = [json.loads(line) for line in open(tmp_path / "split" / "rollouts.jsonl")]
+    assert [(r["step"], r["completion"]) for r in resumed] == [(r["step"], r["completion"]) for r in rollouts]
     assert (tmp_path / "full" / "training_curves.png").exists()
 
 
@@ -138,3 +142,131 @@ def test_ablation_runs_every_arm_from_one_warmup(warm, tmp_path):
     assert max(r["lr"] for r in metrics(tmp_path / "sft_seed0", "sft")) <= 5e-5   # the control's small lr
     other = ablation("--steps", "2")             # runs made under other settings are never mixed in
     assert other.returncode != 0 and "use another --out_dir" in other.stderr
+
+
+# ---------------------------------------------------------------------------- the step, called directly
+def make_run(out, *flags):
+    """A run of the toy RL stage as train.main builds it, with its reference model."""
+    run = T.setup(T.parse_args(["--out_dir", str(out), *RL, "--prompts_per_step", "2", *flags]))
+    run.reference = T.load_reference(run)
+    return run
+
+
+def test_importing_train_has_no_side_effects(tmp_path):
+    res = subprocess.run([sys.executable, "-c", "import train"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0 and res.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_collect_then_update_is_one_step_of_the_method(tmp_path):
+    torch.manual_seed(0)
+    run = make_run(tmp_path)
+    batch = T.collect(run, step=0)
+    m = run.args.num_generations
+    assert len(batch.rewards) == len(batch.samples) == batch.rollout.completion_ids.shape[0] == 2 * m
+    assert batch.advantages.shape == (2 * m,)
+    assert all(batch.samples[i]["id"] == batch.samples[i // m * m]["id"] for i in range(2 * m))  # groups together
+    optimizer, scheduler = T.make_optimizer(run, 1e-3, 0.0, 1, 0.0, False)
+    before = [q.detach().clone() for q in run.policy.parameters()]
+    result = T.update(run, batch, optimizer, scheduler)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))
+    assert changed == (result["grad_norm"] > 0)
+    assert {"kl", "logp_diff_mean", "logp_diff_max", "sampler_ratio_min", "sampler_ratio_max"} <= set(result["micro"][0])
+    assert result["micro"][0]["logp_diff_max"] < 1e-4        # fp32: sampling and scoring agree
+
+
+def test_samples_of_a_prompt_do_not_depend_on_the_batch(tmp_path):
+    one = make_run(tmp_path / "a", "--prompts_per_step", "1", "--grad_accum", "2")
+    two = make_run(tmp_path / "b", "--prompts_per_step", "2", "--grad_accum", "1")
+    a, b = T.collect(one, 0), T.collect(two, 0)
+    assert [s["id"] for s in a.samples] == [s["id"] for s in b.samples]
+    assert torch.equal(a.rollout.completion_ids, b.rollout.completion_ids)
+
+
+def test_reference_and_policy_agree_bitwise_at_step_0_in_bf16(tmp_path):
+    run = make_run(tmp_path, "--dtype", "bf16")
+    batch = T.collect(run, 0)
+    prompt, ids, _ = batch.rollout.rows(list(range(len(batch.rewards))))
+    with torch.no_grad(), run.amp:
+        pol = M.completion_logprobs(run.policy, prompt, ids, 1.0, batch.rollout.suppress_ids)
+        ref = M.completion_logprobs(run.reference, prompt, ids, 1.0, batch.rollout.suppress_ids)
+    assert torch.equal(pol, ref)
+
+
+def test_gradient_checkpointing_acts_in_the_rl_stage(tmp_path, monkeypatch):
+    """transformers checkpoints a layer only in train mode: the RL stage must put the policy there, and
+    the memory saved for backward in the update drops accordingly."""
+    saved, real = {}, T.update
+    for flag in ([], ["--gradient_checkpointing"]):
+        run = make_run(tmp_path / str(len(flag)), "--max_steps", "1", *flag)
+        run.policy.eval()                                  # as from_pretrained returns it
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        def counted(*args, **kw):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return real(*args, **kw)
+        monkeypatch.setattr(T, "update", counted)
+        T.rl(run)
+        saved[bool(flag)] = total[0]
+    assert saved[True] < 0.5 * saved[False], saved
+
+
+def test_top_p_below_one_is_refused_in_rl(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--stage", "rl", "--top_p", "0.9"])
+    assert "--top_p 1 in RL" in capsys.readouterr().err
+
+
+def test_help_shows_the_paper_default_and_the_toy_preset(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1e-06)" in text and "[toy: 5e-05]" in text           # --lr
+    assert all(T.parse_args([]).__dict__[k] == v for k, v in __import__("toy").PRESET.items())
+    assert T.parse_args(["--lr", "3e-4"]).lr == 3e-4                       # the command line wins
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "out/nope/final"], "model directory 'out/nope/final' does not exist"),
+    (["--model", "./nope"], "does not exist"),
+    (["--data", "missing.jsonl"], "data file 'missing.jsonl' not found"),
+    (["--resume"], "holds no checkpoint: run without --resume"),
+])
+def test_user_mistakes_stop_with_one_line_before_anything_is_written(tmp_path, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        T.main(["--out_dir", str(out), *flags])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_rl_stage_on_an_sft_file_suggests_the_sft_stage(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "a.png")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "<image>q"},
+                                                                 {"role": "assistant", "content": "a"}],
+                                                    "images": ["a.png"]}) + "\n")
+    with pytest.raises(SystemExit) as err:
+        T.main(["--out_dir", str(tmp_path / "out"), "--stage", "rl", "--data", str(tmp_path / "sft.jsonl")])
+    assert "--stage sft" in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_a_fresh_run_never_deletes_another_runs_checkpoint(warm, tmp_path):
+    out = tmp_path / "run"
+    train(out, "--model", str(warm / "final"), *RL, "--max_steps", "1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out_dir", str(out), *RL, "--max_steps", "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "--resume to continue it, --overwrite to start afresh" in res.stderr
+    assert "Traceback" not in res.stderr and (out / "metrics.jsonl").exists()
+
+
+def test_summary_is_valid_json_when_a_metric_has_no_value(tmp_path):
+    """No RL sample at all (every prompt over the length limit): the summary says null, never NaN."""
+    res = train(tmp_path, *RL, "--max_steps", "1", "--max_prompt_len", "8", "--model", "tiny")
+    summary = json.loads(res.stdout.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(c))
+    assert summary["skipped"]["long_prompt"] == 4 and summary["reward_first"] is None
+    json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=lambda c: pytest.fail(c))

@@ -1,0 +1,131 @@
+"""logs.py: what a training run writes: metrics.jsonl, rollouts.jsonl, wandb, console lines, per-phase
+timings, the JSON summary and training_curves.png."""
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import parallel
+
+
+class Log:
+    """metrics.jsonl / rollouts.jsonl / wandb / console, written by rank 0 only."""
+
+    def __init__(self, args, master):
+        self.dir, self.master, self.wandb = args.out_dir, master, None
+        if args.wandb and master:
+            import wandb   # optional: checked at start-up, imported only when asked for
+            self.wandb = wandb.init(project=args.wandb, config=vars(args))
+
+    def write(self, name, record):
+        if self.master:
+            with open(os.path.join(self.dir, name), "a") as f:
+                f.write(json.dumps(finite(record)) + "\n")
+            if self.wandb and name == "metrics.jsonl":
+                self.wandb.log(record)
+
+    def print(self, message):
+        if self.master:
+            tqdm.write(message)      # above the progress bar, never glued onto it
+
+    def finish(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Timer(dict):
+    """seconds[name] += wall time of each `with timer(name):` block (synchronised on CUDA)."""
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        yield
+        sync()
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t
+
+
+def rl_record(run, step, batch, result, seconds):
+    """One metrics row of an RL step: per-sample figures averaged over every rank's samples, per-micro-batch
+    ones weighted by their rows, the sampling-vs-scoring mismatch as extremes over all ranks."""
+    ro, micro = batch.rollout, result["micro"]
+    by_rows = lambda key: [x[key] for x in micro for _ in range(x["rows"]) if x[key] == x[key]]   # NaN: no tokens
+    lens = [float(x) for x in ro.completion_mask.sum(1)] if ro else []
+    rs = batch.rewards
+    per_sample = dict(reward=[r["total"] for r in rs], step_rar=[r["step_rar"] for r in rs],
+                      step_rvr=[r["step_rvr"] for r in rs], accuracy=[float(r["correct"]) for r in rs],
+                      key_step_match=[r["k"] for r in rs], completion_len=lens,
+                      truncated=[float(x) for x in ro.truncated] if ro else [],
+                      frac_reward_zero_std=[batch.frac_zero_std] if ro else [],
+                      kl=by_rows("kl"), clip_frac=by_rows("clip_frac"), logp_diff_mean=by_rows("logp_diff_mean"))
+    extremes = dict(logp_diff_max=by_rows("logp_diff_max"), sampler_ratio_max=by_rows("sampler_ratio_max"))
+    lowest = dict(sampler_ratio_min=by_rows("sampler_ratio_min"))
+    return dict(stage="rl", step=step + 1, **parallel.global_means(per_sample, run.device, run.ddp),
+                **parallel.global_max(extremes, run.device, run.ddp),
+                **{k: -v for k, v in parallel.global_max({k: [-x for x in v] for k, v in lowest.items()},
+                                                         run.device, run.ddp).items()},
+                loss=result["loss"], grad_norm=result["grad_norm"], seconds=seconds,
+                tokens_per_s=sum(lens) * run.world / max(batch.seconds.get("generate", 0), 1e-9),
+                **{f"time_{k}": v for k, v in batch.seconds.items()})
+
+
+def finite(record):
+    """NaN and infinities become null, so every line is valid JSON."""
+    if isinstance(record, dict):
+        return {k: finite(v) for k, v in record.items()}
+    return None if isinstance(record, float) and not math.isfinite(record) else record
+
+
+def read(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def reward_summary(out_dir):
+    """Mean reward of the first and last 10 RL steps (None where no step had a sample) and the last SFT
+    loss, for the stages the run had."""
+    rows, out = read(out_dir), {}
+    rl = [r.get("reward") for r in rows if r["stage"] == "rl"]
+    if rl:
+        mean = lambda xs: sum(xs) / len(xs) if xs else None   # noqa: E731
+        out.update(reward_first=mean([x for x in rl[:10] if x is not None]),
+                   reward_last=mean([x for x in rl[-10:] if x is not None]))
+    sft = [r["loss"] for r in rows if r["stage"] == "sft"]
+    return {**out, **({"sft_loss_last": sft[-1]} if sft else {})}
+
+
+def plot_curves(out_dir):
+    """metrics.jsonl → training_curves.png: the panels the run has data for (SFT loss; RL reward parts,
+    accuracy, KL, completion length); faint lines every step, solid a trailing mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read(out_dir)
+    panels = [("sft", ["loss"]), ("rl", ["reward", "step_rar", "step_rvr"]), ("rl", ["accuracy", "key_step_match"]),
+              ("rl", ["kl"]), ("rl", ["completion_len"])]
+    series = {(stage, k): [(r["step"], r[k]) for r in rows if r["stage"] == stage and r.get(k) is not None]
+              for stage, keys in panels for k in keys}
+    panels = [(stage, keys) for stage, keys in panels if any(series[stage, k] for k in keys)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (stage, keys) in zip(axes[0], panels):
+        for k in keys:
+            if not series[stage, k]:
+                continue
+            x, y = zip(*series[stage, k])
+            w = max(1, min(10, len(y) // 5))           # short runs: a short window, still readable
+            line, = ax.plot(x, y, lw=0.6, alpha=0.35)
+            ax.plot(x[w - 1:], [sum(y[i + 1 - w:i + 1]) / w for i in range(w - 1, len(y))], color=line.get_color(), label=k)
+        held = [(r["step"], r["accuracy"]) for r in rows if r["stage"] == "eval"]
+        if "accuracy" in keys and held:
+            ax.plot(*zip(*held), "ko-", ms=4, label="held-out, greedy")
+        ax.set_title(f"{stage}: {', '.join(keys)}", fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=110)
+    plt.close(fig)
