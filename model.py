@@ -4,16 +4,18 @@
     batch = build_inputs(tokenizer, image_processor, [image], ["What is 2+3?"])
     logp = completion_logprobs(policy, batch, completion_ids, temperature=1.0)
 
-Everything the RL step needs from the model lives here: the prompt (the R1-VL section format,
-METHOD.md §2), the image-token expansion, the 3-D M-RoPE positions, and the per-token log-probs
-of completion tokens. `Qwen2VLProcessor` is not used (it cannot be built without torchvision), so
-inputs are made from the tokenizer and the image processor directly, the same way it makes them.
+Everything the RL step needs from the model lives here: the prompt (the R1-VL section format),
+the image-token expansion, the 3-D M-RoPE positions, the per-token log-probs of completion tokens,
+and the low-precision copy of the policy that samples them. `Qwen2VLProcessor` is not used (it
+cannot be built without torchvision), so inputs are made from the tokenizer and the image
+processor directly, the same way it makes them.
 """
 import importlib.util
 import inspect
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
@@ -174,7 +176,8 @@ def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", ma
 
 
 def check_image_tokens(batch, merge):
-    """#image-pad tokens must equal Σ t·h·w / merge² and pixel rows Σ t·h·w (METHOD.md §9.4)."""
+    """#image-pad tokens must equal Σ t·h·w / merge² and pixel rows Σ t·h·w; a mismatch would silently
+    pair image features with the wrong tokens."""
     grid, n_tokens = batch["image_grid_thw"], int(batch["mm_token_type_ids"].sum())
     expected = 0 if grid is None else int(grid.prod(-1).sum()) // merge ** 2
     rows = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
@@ -183,7 +186,8 @@ def check_image_tokens(batch, merge):
 
 
 def select_rows(batch, rows):
-    """The sub-batch of `rows`, keeping each row's block of pixel_values with it (METHOD.md §9.4)."""
+    """The sub-batch of `rows`, keeping each row's block of pixel_values with it (pixel_values holds the
+    images of all rows back to back, so plain row indexing would give a row another row's image)."""
     rows = torch.as_tensor(rows, dtype=torch.long)
     has_image = batch["mm_token_type_ids"].any(-1)
     out = {k: v[rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -204,7 +208,7 @@ def rope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_gr
     """3-D M-RoPE positions [3, B, L] and per-row deltas [B, 1], computed by the model's own rule.
 
     Positions are never built from cumsum(attention_mask): image tokens share (t, h, w) positions,
-    so the text after an image starts at max(position) + 1 (METHOD.md §9.1).
+    so the text after an image starts at max(position) + 1.
     """
     inner = model.model
     kwargs = dict(image_grid_thw=image_grid_thw, attention_mask=attention_mask)
@@ -218,10 +222,10 @@ def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_
 
     The logits are divided by the sampling temperature, and `suppress_ids` (tokens the sampler may
     never emit) are removed from the softmax, so these are the log-probs of the distribution that
-    was actually sampled (METHOD.md §9.7). Only completion positions reach the LM head, in row
-    chunks of fp32 log-softmax, each checkpointed under autograd so no full-vocabulary activation
-    is kept (§9.6). Positions are explicit and the cache is off, so no `rope_deltas` from an
-    earlier `generate` can leak in (§9.1, §9.2).
+    was actually sampled. Only completion positions reach the LM head, in row chunks of fp32
+    log-softmax, each checkpointed under autograd so no full-vocabulary activation is kept.
+    Positions are explicit and the cache is off, so no `rope_deltas` left by an earlier
+    `generate` can shift them.
     """
     prompt_len = batch["input_ids"].shape[1]
     input_ids = torch.cat([batch["input_ids"], completion_ids], 1)
@@ -234,9 +238,10 @@ def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_
                          use_cache=False).last_hidden_state
     hidden = hidden[:, prompt_len - 1:-1].reshape(-1, hidden.shape[-1])    # states that predict o_t
     targets = completion_ids.reshape(-1)
+    weight, bias = fp32_head(model)
     out = []
     for s in range(0, len(targets), chunk_size):
-        args = (hidden[s:s + chunk_size], targets[s:s + chunk_size], model.lm_head.weight, temperature, suppress_ids)
+        args = (hidden[s:s + chunk_size], targets[s:s + chunk_size], weight, bias, temperature, suppress_ids)
         if torch.is_grad_enabled():
             out.append(torch.utils.checkpoint.checkpoint(_token_logprobs, *args, use_reentrant=False))
         else:
@@ -244,11 +249,68 @@ def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_
     return torch.cat(out).view_as(completion_ids)
 
 
-def _token_logprobs(hidden, targets, weight, temperature, suppress_ids):
-    logits = (hidden @ weight.t()).float() / temperature
+def _token_logprobs(hidden, targets, weight, bias, temperature, suppress_ids):
+    return head_logprobs(hidden, weight, bias, temperature, suppress_ids).gather(1, targets[:, None]).squeeze(1)
+
+
+def fp32_head(model):
+    """(weight, bias) of the LM head in fp32, cast once per call (a no-op for fp32 weights)."""
+    head = model.lm_head
+    return head.weight.float(), None if head.bias is None else head.bias.float()
+
+
+def head_logprobs(hidden, weight, bias=None, temperature=1.0, suppress_ids=None):
+    """log-softmax((hidden · Wᵀ + b) / temperature) over the vocabulary without `suppress_ids`, in fp32.
+
+    Autocast is switched off and the hidden state is cast up, so the logits are an fp32 matmul
+    even when the trunk ran in bf16; the sampler (rollout.py) and the scorer call this same
+    function, so sampling and scoring log-probs differ only by what the trunk computed."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = torch.nn.functional.linear(hidden.float(), weight.float(), bias) / temperature
     if suppress_ids is not None:
         logits[:, suppress_ids] = float("-inf")
-    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return logits.log_softmax(-1)
+
+
+# ----------------------------------------------------------------------------- sampling copy
+
+def inference_copy(policy, dtype=torch.bfloat16):
+    """A separate, unsharded copy of `policy` to sample from, with its weights in the compute dtype.
+
+    Sampling from the fp32 master weights under autocast casts every matrix to bf16 again at every
+    decoded token; the copy holds them cast once. It holds in `dtype` exactly the weights autocast
+    would cast (those of Linear and Conv layers, LM head excepted) and keeps embeddings, norms and
+    the LM head in fp32, so under the same autocast it computes what the fp32 policy computes: the
+    same bf16 matmuls, an fp32 residual stream and an fp32 LM head. Run it under that autocast.
+    Keep it current with `refresh_inference_copy` after every optimizer step.
+    """
+    with torch.device("meta"):
+        copy = AutoModelForImageTextToText.from_config(policy.config)
+    device = next(policy.parameters()).device
+    copy.to_empty(device=device).eval().requires_grad_(False)
+    copy.tie_weights()                                     # to_empty gives tied weights separate storage
+    for module in copy.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and module is not copy.lm_head:
+            module.to(dtype)
+    with torch.no_grad():
+        for name, buf in policy.named_buffers():           # rotary frequencies; never sharded
+            copy.get_buffer(name).copy_(buf)
+    copy.generation_config = policy.generation_config
+    refresh_inference_copy(copy, policy)
+    return copy
+
+
+@torch.no_grad()
+def refresh_inference_copy(copy, policy):
+    """Copy the policy's current weights into `copy`, each cast to the copy's dtype for it: one
+    device-side copy per tensor. FSDP2 shards (DTensors) are gathered first, a collective, so under
+    FSDP every rank calls this at the same point."""
+    target = dict(copy.named_parameters())
+    source = dict(policy.named_parameters())
+    if target.keys() != source.keys():
+        raise ValueError(f"inference copy and policy differ in parameters: {sorted(target.keys() ^ source.keys())[:5]}")
+    for name, p in source.items():
+        target[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
 def special_ids(tokenizer):

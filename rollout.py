@@ -3,20 +3,34 @@
     ro = generate(policy, tokenizer, image_processor, images, questions, num_samples=4, temperature=1.0)
     ro.texts, ro.completion_ids, ro.completion_mask, ro.truncated
 
-One prefill per prompt is shared by its M samples: the prompt and image are encoded once, then the
-KV cache is repeated M times (nanochat's pattern). The decoding loop is written out so every
-choice is visible: vision special tokens are suppressed (a sampled `<|image_pad|>` would break the
-next forward, METHOD.md §9.5), positions are the model's 3-D M-RoPE positions carried forward one
-text position per token, and a completion ends at its first stop token, which is kept in the mask.
+Decoding follows gpt-fast. Each prompt is prefilled once by the model's own forward (image
+included) and its keys and values are copied into the rows of its M samples in a cache allocated
+up front for prompt + max_new_tokens. One fixed-shape step (`decode_step`) then advances every row
+by one token, writing its key and value into the cache in place; nothing grows with the length,
+so a step costs the same at the thousandth token as at the tenth. Rows are padded to a few bucket
+sizes, so `compile=True` (torch.compile "reduce-overhead", i.e. CUDA graphs) needs only a few
+graphs; eager runs the same step on the same shapes.
+
+The loop writes out every choice: vision special tokens are suppressed (a sampled `<|image_pad|>`
+would make the next forward look for an image that is not there), positions are the model's 3-D
+M-RoPE positions carried forward one text position per token, log-probs come from the fp32 LM head
+the scorer uses (`model.head_logprobs`), and a completion ends at its first stop token, which is
+kept in the mask.
 """
+import functools
 import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from model import MAX_PROMPT_LEN, build_inputs, rope_positions, select_rows, special_ids
+from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
 
 log = logging.getLogger(__name__)
+
+CACHE_ROUND = 256   # cache lengths are rounded up to a multiple of this: few shapes, aligned attention masks
+CHECK_EVERY = 8     # steps between checks that every row has stopped (each check waits for the device)
 
 
 @dataclass
@@ -40,15 +54,26 @@ class Rollout:
         return select_rows(self.prompt, idx), self.completion_ids[idx, :length], self.completion_mask[idx, :length]
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every text layer for a fixed number of rows and slots, written in place."""
+    k: torch.Tensor       # [layers, rows, kv_heads, length, head_dim]
+    v: torch.Tensor       # [layers, rows, kv_heads, length, head_dim]
+    valid: torch.Tensor   # [rows, length] bool: slots a row may attend to (not its prompt's left padding)
+    slots: torch.Tensor   # [length] 0..length-1: a slot becomes visible once decoding has reached it
+
+
 @torch.no_grad()
 def generate(model, tokenizer, image_processor, images, questions, num_samples=4, temperature=1.0, top_p=1.0,
              max_new_tokens=256, greedy=False, style="r1vl", max_prompt_len=MAX_PROMPT_LEN, prompts=None, seeds=None,
-             ignore_eos=False):
+             ignore_eos=False, compile=False):
     """Sample `num_samples` completions for each (image, question); greedy=True takes the argmax.
 
     `seeds` (one per input) gives each prompt's group its own random stream, so its samples do not
     depend on which other prompts share the batch (or rank); without it the global RNG is used.
     `ignore_eos` generates exactly `max_new_tokens` per completion (fixed workloads for benchmarks).
+    `compile` runs the decode step as a CUDA graph; the first call for each (row bucket, cache
+    length) compiles it, and its cache is kept on the model for the next calls of that shape.
     """
     batch = build_inputs(tokenizer, image_processor, images, questions, style, max_prompt_len, prompts)
     skipped = len(images) - (len(batch["kept"]) if batch else 0)
@@ -61,60 +86,139 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
     suppress, stop = special_ids(tokenizer)
     stop = [] if ignore_eos else stop
-    stop_t, pad = torch.tensor(stop, device=device), tokenizer.pad_token_id
+    stop_t, pad = torch.tensor(stop, dtype=torch.long, device=device), tokenizer.pad_token_id
     m = num_samples
+    group = torch.arange(len(kept), device=device).repeat_interleave(m)
+    n = len(group)
     generators = None if seeds is None else [torch.Generator(device).manual_seed(int(seeds[i])) for i in kept]
 
-    # Prefill once per prompt with the model's own 3-D positions, then repeat the cache M times.
-    positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["mm_token_type_ids"], batch["image_grid_thw"])
     was_training = model.training
     model.eval()
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    if m > 1:
-        cache.batch_repeat_interleave(m)
-    logits = out.logits[:, -1].repeat_interleave(m, 0)
-    attention = batch["attention_mask"].repeat_interleave(m, 0)
-    # After the prompt, text positions advance by one per token from (valid length + delta).
-    next_pos = (attention.sum(-1, keepdim=True) + deltas.to(device).repeat_interleave(m, 0))
-    n = logits.shape[0]
+    cache, hidden, next_pos = prefill(model, batch, group, max_new_tokens, keep=compile)
+    step = compiled_decode_step() if compile else decode_step
+    first_slot = torch.tensor([batch["input_ids"].shape[1]], device=device)
+    head = fp32_head(model)
+    tokens = torch.full((cache.k.shape[1], 1), pad, dtype=torch.long, device=device)
+    ids = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
+    logps = torch.zeros(n, max_new_tokens, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens, logps = [], []
-    for _ in range(max_new_tokens):
-        logits = logits.float() / (1.0 if greedy else temperature)
-        logits[:, suppress] = float("-inf")
-        logp = logits.log_softmax(-1)
+    for t in range(max_new_tokens):
+        logp = head_logprobs(hidden[:n], *head, 1.0 if greedy else temperature, suppress)
         tok = logp.argmax(-1) if greedy else sample(logp, top_p, generators, m)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        tokens.append(tok), logps.append(logp.gather(1, tok[:, None]).squeeze(1))
+        tok = torch.where(done, pad, tok)
+        ids[:, t], logps[:, t] = tok, logp.gather(1, tok[:, None]).squeeze(1)
         done |= torch.isin(tok, stop_t)
-        if bool(done.all()):
+        if t == max_new_tokens - 1 or (t % CHECK_EVERY == 0 and bool(done.all())):
             break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
-        out = model(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        logits, next_pos = out.logits[:, -1], next_pos + 1
-    model.model.rope_deltas = None
+        tokens[:n, 0] = tok
+        hidden = step(model, cache, tokens, next_pos + t, first_slot + t)
     model.train(was_training)
 
-    completion_ids = torch.stack(tokens, 1)
-    completion_mask, truncated = first_stop_mask(completion_ids, stop_t)
+    completion_mask, truncated = first_stop_mask(ids[:, :t + 1], stop_t)
+    length = int(completion_mask.sum(1).max())   # columns after every row's stop are pad: cut them
+    completion_ids, completion_mask = ids[:, :length], completion_mask[:, :length]
     is_stop = torch.isin(completion_ids, stop_t)
-    texts = [tokenizer.decode(ids[keep], skip_special_tokens=True)
-             for ids, keep in zip(completion_ids, completion_mask.bool() & ~is_stop)]
-    group = torch.arange(len(kept), device=device).repeat_interleave(m)
+    texts = [tokenizer.decode(row[keep], skip_special_tokens=True)
+             for row, keep in zip(completion_ids, completion_mask.bool() & ~is_stop)]
     return Rollout(prompt=select_rows(batch, group), completion_ids=completion_ids, completion_mask=completion_mask,
-                   logprobs=torch.stack(logps, 1) * completion_mask, truncated=truncated, texts=texts,
+                   logprobs=logps[:, :length] * completion_mask, truncated=truncated, texts=texts,
                    group=group, kept=kept, suppress_ids=suppress)
+
+
+def prefill(model, batch, group, max_new_tokens, keep=False):
+    """Run the prompts through the model's own forward (vision tower included) with their 3-D
+    positions and copy each prompt's keys and values into the rows of its samples (`group`: the
+    prompt of each row) in a fresh static cache. The prompts are left padded, so every row decodes
+    its t-th token into the same slot: prompt length + t.
+
+    Returns (cache, hidden state that predicts each row's first token [n, D], 3-D position of each
+    row's first new token [3, rows, 1]: its valid prompt length plus the image's rope delta)."""
+    positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["mm_token_type_ids"], batch["image_grid_thw"])
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    n, prompt_len = len(group), batch["input_ids"].shape[1]
+    keys = out.cache.layers[0].keys                               # [prompts, kv_heads, prompt_len, head_dim]
+    device = keys.device
+    # Under autocast attention runs in the autocast dtype anyway, so the cache is kept in it.
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else keys.dtype
+    shape = (len(out.cache.layers), padded_rows(n), keys.shape[1],
+             -(-(prompt_len + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND, keys.shape[3])
+    cache = kv_cache(model, shape, dtype, device, keep)
+    for i, layer in enumerate(out.cache.layers):
+        cache.k[i, :n, :, :prompt_len] = layer.keys[group]
+        cache.v[i, :n, :, :prompt_len] = layer.values[group]
+    cache.valid.fill_(True)                                      # padding rows: anything, their output is dropped
+    cache.valid[:n, :prompt_len] = batch["attention_mask"][group].bool()
+    next_pos = torch.zeros(shape[1], 1, dtype=torch.long, device=device)
+    next_pos[:n] = (batch["attention_mask"].sum(-1, keepdim=True) + deltas.to(device))[group]
+    return cache, out.last_hidden_state[group, -1], next_pos.expand(3, -1, -1)
+
+
+def decode_step(model, cache, tokens, positions, slot):
+    """Advance every row by one token: `tokens` [rows, 1] at 3-D positions [3, rows, 1] go through
+    the text decoder, their keys and values are written into cache slot `slot` ([1]), and each
+    row attends to its valid slots up to `slot`. Returns the final hidden states [rows, D].
+
+    The model's own layers, written out as in gpt-fast: every shape is fixed, so the step can be
+    captured as one CUDA graph. Attention is SDPA whatever the model's attention implementation."""
+    text = model.model.language_model
+    rows, kv_heads = tokens.shape[0], cache.k.shape[2]
+    h = text.embed_tokens(tokens)
+    cos, sin = text.rotary_emb(h, positions)
+    visible = (cache.valid & (cache.slots <= slot))[:, None, None, :]
+    for i, layer in enumerate(text.layers):
+        att = layer.self_attn
+        x = layer.input_layernorm(h)
+        q, k, v = (proj(x).view(rows, 1, -1, att.head_dim).transpose(1, 2) for proj in (att.q_proj, att.k_proj, att.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        cache.k[i].index_copy_(2, slot, k.to(cache.k.dtype))
+        cache.v[i].index_copy_(2, slot, v.to(cache.v.dtype))
+        # Grouped-query attention without repeating K/V: the query heads that share a K/V head
+        # (consecutive, as in the model) attend as that head's group of queries.
+        scores = q.reshape(rows, kv_heads, -1, att.head_dim) @ cache.k[i].transpose(2, 3) * att.scaling
+        o = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ cache.v[i]
+        h = h + att.o_proj(o.reshape(rows, 1, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return text.norm(h)[:, 0]
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step as CUDA graphs (one per shape: row bucket x cache length)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def run(*args):
+        torch.compiler.cudagraph_mark_step_begin()   # the last step's output is consumed: its memory may be reused
+        return step(*args)
+    return run
+
+
+def padded_rows(n):
+    """Rows the decode step runs for n samples: the next of 1, 2, 4, 8, 16, then of 32, 48, 64, ...
+    so a few captured graphs serve every batch; padding rows are computed and dropped."""
+    return 1 << (n - 1).bit_length() if n <= 16 else -(-n // 16) * 16
+
+
+def kv_cache(model, shape, dtype, device, keep=False):
+    """A KVCache of `shape` (layers, rows, kv_heads, length, head_dim). With `keep` one cache per
+    shape is kept on the model and reused: a captured CUDA graph finds it at the same address."""
+    caches = model.__dict__.setdefault("_kv_caches", {}) if keep else {}
+    if (shape, dtype) not in caches:
+        cache = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                        torch.ones(shape[1], shape[3], dtype=torch.bool, device=device),
+                        torch.arange(shape[3], device=device))
+        for tensor in vars(cache).values() if keep else []:
+            torch._dynamo.mark_static_address(tensor)
+        caches[shape, dtype] = cache
+    return caches[shape, dtype]
 
 
 def first_stop_mask(completion_ids, stop_ids):
     """(mask [N, T]: 1 up to and including the first stop token, truncated [N]: no stop token at all).
 
-    Masking by `!= pad` would drop the real EOS when pad and EOS share an id (METHOD.md §9.8)."""
+    Masking by `!= pad` would drop the real EOS when pad and EOS share an id, as in Qwen2-VL's tokenizer."""
     is_stop = torch.isin(completion_ids, torch.as_tensor(stop_ids, device=completion_ids.device)).long()
     return ((is_stop.cumsum(1) - is_stop) == 0).long(), ~is_stop.bool().any(1)
 

@@ -223,3 +223,92 @@ def test_text_only_question_needs_no_image(tiny):
     assert ro.prompt["image_grid_thw"].shape[0] == 1
     gap = ((score(tiny, ro, 1.0) - ro.logprobs) * ro.completion_mask).abs().max().item()
     assert gap <= 1e-4
+
+
+def cast_equal(copy, master):
+    """Every weight of `copy` is the master's (gathered if sharded) cast to the dtype `copy` holds it in."""
+    masters = dict(master.named_parameters())
+    for name, p in copy.named_parameters():
+        q = masters[name].full_tensor() if hasattr(masters[name], "full_tensor") else masters[name]
+        if not torch.equal(p, q.detach().to(p.dtype)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("model.language_model.layers.0.self_attn.q_proj.weight", torch.bfloat16),   # matrices autocast would cast
+    ("model.language_model.layers.0.self_attn.q_proj.bias", torch.bfloat16),
+    ("model.language_model.layers.0.mlp.down_proj.weight", torch.bfloat16),
+    ("model.visual.patch_embed.proj.weight", torch.bfloat16),
+    ("model.language_model.embed_tokens.weight", torch.float32),                 # = the tied LM head
+    ("model.language_model.layers.0.input_layernorm.weight", torch.float32),
+    ("model.language_model.norm.weight", torch.float32),
+])
+def test_inference_copy_holds_matrices_in_the_compute_dtype(tiny, name, dtype):
+    assert M.inference_copy(tiny[0], torch.bfloat16).get_parameter(name).dtype == dtype
+
+
+def test_inference_copy_holds_the_cast_master_weights_after_a_step(tiny):
+    import copy
+    policy = copy.deepcopy(tiny[0])
+    sampler = M.inference_copy(policy, torch.bfloat16)
+    assert cast_equal(sampler, policy)
+    assert sampler.lm_head.weight is sampler.model.language_model.embed_tokens.weight    # still tied
+    ro = sampled_rollout(tiny)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    M.completion_logprobs(policy, ro.prompt, ro.completion_ids, 1.3, ro.suppress_ids).sum().backward()
+    optimizer.step()
+    assert not cast_equal(sampler, policy)                        # a separate copy: the step did not reach it
+    M.refresh_inference_copy(sampler, policy)
+    assert cast_equal(sampler, policy)
+
+
+def test_fp32_inference_copy_samples_exactly_like_the_policy(tiny):
+    policy, tok, ip = tiny
+    sampler = M.inference_copy(policy, torch.float32)
+    kw = dict(num_samples=2, temperature=1.3, max_new_tokens=16, seeds=[3, 4])
+    a, b = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw), R.generate(sampler, tok, ip, IMAGES, QUESTIONS, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_bf16_copy_computes_what_the_fp32_policy_computes_under_autocast(tiny):
+    """Same bf16 matmuls, fp32 residual stream and fp32 head: the copy's samples and log-probs are
+    the fp32 policy's under the same autocast, and close to its scoring."""
+    policy, tok, ip = tiny
+    sampler = M.inference_copy(policy, torch.bfloat16)
+    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=24, seeds=[3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw), R.generate(sampler, tok, ip, IMAGES, QUESTIONS, **kw)
+        with torch.no_grad():
+            scored = M.completion_logprobs(policy, b.prompt, b.completion_ids, 1.0, b.suppress_ids)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert ((scored - b.logprobs) * b.completion_mask).abs().max() < 0.02
+
+
+def test_refresh_gathers_fsdp2_shards(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r}); sys.path.insert(0, {os.path.join(root, "tests")!r})
+import model as M, parallel
+from test_model import cast_equal
+from torch.distributed.tensor import DTensor
+dist.init_process_group("gloo", init_method="file://{tmp_path}/pg", rank=0, world_size=1)
+policy = parallel.shard(M.load("tiny", device="cpu")[0])
+assert isinstance(policy.get_parameter("model.language_model.layers.0.mlp.up_proj.weight"), DTensor)
+sampler = M.inference_copy(policy, torch.bfloat16)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+for p in policy.parameters():
+    p.grad = torch.ones_like(p)
+optimizer.step()
+M.refresh_inference_copy(sampler, policy)
+assert cast_equal(sampler, policy)
+dist.destroy_process_group()
+print("ok")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert res.stdout.strip().endswith("ok"), res.stderr[-3000:]

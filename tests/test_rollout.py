@@ -1,0 +1,137 @@
+"""The static-cache decoder of rollout.py against the plain one (tiny preset, CPU, fp32)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import model as M
+import rollout as R
+import toy
+
+
+@pytest.fixture(scope="module")
+def toy_inputs():
+    samples = toy.dataset("test", n=4, seed=3)
+    return [s["image"] for s in samples], [s["problem"] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def ending(tiny):
+    """The tiny model with its EOS logit raised, so completions stop at different places."""
+    policy = copy.deepcopy(tiny[0])
+    _, stop = M.special_ids(tiny[1])
+    head = torch.nn.Linear(policy.lm_head.in_features, policy.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(policy.lm_head.weight)
+        head.bias.zero_()
+        head.bias[stop[0]] = 4.0
+    policy.lm_head = head
+    return policy, tiny[1], tiny[2]
+
+
+def plain_generate(policy, tok, ip, images, questions, m, temperature, max_new_tokens, greedy=False, seeds=None):
+    """The plain decoder: the model's own forward, one token at a time, with a cache and an attention
+    mask that grow by one column per token. Returns (tokens [N, T], their log-probs [N, T])."""
+    batch = M.build_inputs(tok, ip, images, questions)
+    batch.pop("kept")
+    suppress, stop = M.special_ids(tok)
+    generators = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
+    positions, deltas = M.rope_positions(policy, batch["input_ids"], batch["attention_mask"],
+                                         batch["mm_token_type_ids"], batch["image_grid_thw"])
+    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    cache = out.cache
+    cache.batch_repeat_interleave(m)
+    logits = out.logits[:, -1].repeat_interleave(m, 0)
+    attention = batch["attention_mask"].repeat_interleave(m, 0)
+    next_pos = attention.sum(-1, keepdim=True) + deltas.repeat_interleave(m, 0)
+    done = torch.zeros(len(logits), dtype=torch.bool)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        logits = logits.float() / (1.0 if greedy else temperature)
+        logits[:, suppress] = float("-inf")
+        logp = logits.log_softmax(-1)
+        t = logp.argmax(-1) if greedy else R.sample(logp, 1.0, generators, m)
+        t = torch.where(done, tok.pad_token_id, t)
+        tokens.append(t), logps.append(logp.gather(1, t[:, None]).squeeze(1))
+        done |= torch.isin(t, torch.tensor(stop))
+        if done.all():
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+        out = policy(input_ids=t[:, None], attention_mask=attention, position_ids=next_pos, cache=cache, use_cache=True)
+        logits, next_pos = out.logits[:, -1], next_pos + 1
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+@pytest.mark.parametrize("m", [1, 3])    # 4 and 12 rows: the second is padded to a bucket of 16
+def test_greedy_tokens_equal_the_plain_decoder(tiny, toy_inputs, m):
+    images, questions = toy_inputs
+    ro = R.generate(*tiny, images, questions, num_samples=m, greedy=True, max_new_tokens=40)
+    ids, logps = plain_generate(*tiny, images, questions, m, 1.0, 40, greedy=True)
+    assert torch.equal(ro.completion_ids, ids)
+    assert torch.allclose(ro.logprobs, logps * ro.completion_mask, atol=1e-5)
+
+
+def test_seeded_samples_equal_the_plain_decoder(ending, toy_inputs):
+    images, questions = toy_inputs
+    kw = dict(num_samples=3, temperature=1.2, max_new_tokens=40, seeds=[5, 6, 7, 8])
+    ro = R.generate(*ending, images, questions, **kw)
+    ids, logps = plain_generate(*ending, images, questions, 3, 1.2, 40, seeds=kw["seeds"])
+    assert (~ro.truncated).sum() >= 3 and ro.truncated.any()           # rows end at different places
+    assert torch.equal(ro.completion_ids, ids)
+    assert torch.allclose(ro.logprobs, logps * ro.completion_mask, atol=1e-5)
+
+
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts(tiny, toy_inputs):
+    images, questions = toy_inputs
+    kw = dict(num_samples=4, temperature=1.3, max_new_tokens=24)
+    together = R.generate(*tiny, images, questions, seeds=[10, 11, 12, 13], **kw)       # 16 rows
+    for i in range(4):
+        alone = R.generate(*tiny, images[i:i + 1], questions[i:i + 1], seeds=[10 + i], **kw)   # 4 rows
+        rows = slice(4 * i, 4 * i + 4)
+        length = alone.completion_ids.shape[1]
+        assert torch.equal(together.completion_ids[rows, :length], alone.completion_ids)
+        assert (together.completion_ids[rows, length:] == tiny[1].pad_token_id).all()
+        assert together.texts[rows] == alone.texts
+
+
+@pytest.mark.parametrize("n, rows", [(1, 1), (2, 2), (3, 4), (5, 8), (16, 16), (17, 32), (33, 48)])
+def test_rows_are_padded_to_a_few_buckets(n, rows):
+    assert R.padded_rows(n) == rows
+
+
+def test_every_decode_step_has_the_same_shapes(tiny, toy_inputs, monkeypatch):
+    seen, step = [], R.decode_step
+
+    def recording(model, cache, tokens, positions, slot):
+        seen.append((cache.k.data_ptr(), cache.k.shape, tokens.shape, positions.shape, slot.shape))
+        return step(model, cache, tokens, positions, slot)
+    monkeypatch.setattr(R, "decode_step", recording)
+    R.generate(*tiny, *toy_inputs, num_samples=3, max_new_tokens=20, ignore_eos=True)
+    assert len(seen) == 19 and len(set(seen)) == 1
+    (_, k_shape, tokens, _, _), = set(seen)
+    assert tokens[0] == k_shape[1] == 16 and k_shape[3] % R.CACHE_ROUND == 0
+
+
+def test_compiled_step_is_one_graph_for_all_steps_and_calls(tiny, toy_inputs, monkeypatch):
+    """The step torch.compile captures (fullgraph: no graph breaks) compiles once for a shape, whatever
+    the step or call, and gives the eager tokens. aot_eager stands in for inductor + CUDA graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(R.decode_step, backend=counter, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(R, "compiled_decode_step", lambda: step)
+    kw = dict(num_samples=2, temperature=1.3, max_new_tokens=12, seeds=[1, 2, 3, 4], ignore_eos=True)
+    eager = R.generate(*tiny, *toy_inputs, **kw)
+    for _ in range(2):
+        compiled = R.generate(*tiny, *toy_inputs, compile=True, **kw)
+        assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    assert counter.frame_count == 1
+
+
+def test_generation_prints_no_deprecation_warning(tiny, toy_inputs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        R.generate(*tiny, *toy_inputs, num_samples=2, max_new_tokens=4)
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()]
