@@ -85,7 +85,7 @@ def trim_log(path, stage, step):
     """Drop log lines written after the checkpoint: the resumed run writes those steps again."""
     if not os.path.exists(path):
         return
-    order = {"sft": 0, "rl": 1, "eval": 1}
+    order = {"sft": 0, "eval_sft": 0, "rl": 1, "eval": 1}
     rows = [json.loads(line) for line in open(path)]
     key = lambda r: (order[r.get("stage", "rl")], r["step"])   # rollouts.jsonl rows are RL rows  # noqa: E731
     with open(path, "w") as f:

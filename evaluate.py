@@ -78,7 +78,7 @@ import toy
 log = logging.getLogger("evaluate")
 BENCHES = [*benchmarks.BENCHES, "toy"]
 BENCH_MAX_NEW_TOKENS = 2048                            # the paper's evaluation budget
-TOY_MAX_NEW_TOKENS = getattr(toy, "MAX_NEW_TOKENS", 160)   # the toy preset's, as in training
+TOY_MAX_NEW_TOKENS = toy.MAX_NEW_TOKENS   # the toy preset's, as in training
 
 
 # ----------------------------------------------------------------------------- predictions and what made them
@@ -105,7 +105,8 @@ def provenance(args):
     local = Path(args.model).is_dir()
     return {"bench": args.bench, "model": str(Path(args.model).resolve()) if local else args.model,
             "weights": weights_fingerprint(args.model), "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-            "data": str(Path(args.data).resolve()) if args.data else None, "limit": None if args.data else args.limit,
+            "data": str(Path(args.data).resolve()) if args.data else f"toy level {args.difficulty}",
+            "limit": None if args.data else args.limit,
             "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "max_prompt_len": args.max_prompt_len}
 
 
@@ -301,6 +302,7 @@ def parse_args(argv=None):
                                   "(default eval/<bench>_<model name>_<hash of model path>_<prompt>.jsonl)")
     p.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming it")
     p.add_argument("--limit", type=int, help="first N records only (toy: N samples, default 200)")
+    p.add_argument("--difficulty", type=int, default=2, choices=sorted(toy.LEVELS), help="toy task level")
     p.add_argument("--max_new_tokens", type=int, help=f"generation budget (default {BENCH_MAX_NEW_TOKENS}, the "
                    f"paper's; toy: {TOY_MAX_NEW_TOKENS}, as in training)")
     p.add_argument("--batch_size", type=int, default=8, help="records per generation batch")
@@ -338,7 +340,7 @@ def check_inputs(args):
 
 def load_records(args):
     if args.bench == "toy":
-        recs = toy.dataset(split="test", n=args.limit or 200, seed=0)
+        recs = toy.dataset(split="test", n=args.limit or 200, seed=0, difficulty=args.difficulty)
         return [dict(r, images=[r["image"]]) for r in recs]
     try:
         return benchmarks.load(args.bench, args.data, args.image_root)

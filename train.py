@@ -76,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--sft_weight_decay", type=float, default=0.05, help="warm-up AdamW weight decay")
     g.add_argument("--drop_reflective", action="store_true", help="drop SFT samples with a self-correction step")
     g.add_argument("--derive_key_steps", action="store_true", help="derive missing key steps from the solution")
-    g.add_argument("--eval_every", type=int, default=0, help="held-out accuracy every N RL steps (toy)")
+    g.add_argument("--eval_every", type=int, default=0, help="held-out accuracy every N steps of a stage, and at its start (toy)")
     g.add_argument("--eval_n", type=int, default=0, help="held-out questions (toy)")
     g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
     g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
@@ -207,9 +207,10 @@ def generate(run, samples, images, **kw):
                                 max_new_tokens=run.args.max_new_tokens, max_prompt_len=run.args.max_prompt_len, **kw)
 
 
-def heldout_accuracy(run, samples, step, batch=32):
+def heldout_accuracy(run, samples, step, batch=32, stage="eval"):
     """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR), both
-    fractions, also logged as an "eval" row at `step` of the RL stage (0: the warm-up)."""
+    fractions, also logged as a `stage` row at `step`: "eval" for the RL stage (0: its starting model),
+    "eval_sft" for the warm-up."""
     correct, valid, mine = [], [], samples[run.rank::run.world]
     for i in range(0, len(mine), batch):
         chunk, images, _ = open_images(run, mine[i:i + batch])
@@ -219,7 +220,7 @@ def heldout_accuracy(run, samples, step, batch=32):
             correct.append(float(r["correct"])), valid.append(r["step_rvr"])
     missing = [0.0] * (len(mine) - len(correct))         # skipped samples count as wrong
     m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), run.device, run.ddp)
-    run.log.write("metrics.jsonl", dict(stage="eval", step=step, **m))
+    run.log.write("metrics.jsonl", dict(stage=stage, step=step, **m))
     return m["accuracy"], m["format_valid"]
 
 
@@ -302,6 +303,9 @@ def sft(run):
     optimizer, scheduler = make_optimizer(run, a.sft_lr, a.sft_weight_decay, a.sft_steps, 0.03, True)
     start = checkpoint.restore(run, "sft", optimizer, scheduler)
     run.policy.train()
+    every = a.eval_every if run.eval_set else 0
+    if every and start == 0:
+        heldout_accuracy(run, run.eval_set, 0, stage="eval_sft")
     for step in tqdm(range(start, a.sft_steps), desc="SFT warm-up", initial=start, total=a.sft_steps, disable=not run.master):
         t0 = time.time()
         samples, images, _ = open_images(run, data.batch_at(run.sft_set, step, a.sft_batch, run.rank, run.world, a.seed + 7)[0])
@@ -315,6 +319,8 @@ def sft(run):
             loss /= run.world
         run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
+        if every and (step + 1) % every == 0:
+            heldout_accuracy(run, run.eval_set, step + 1, stage="eval_sft")
         end_of_step(run, "sft", step, start, a.sft_steps, optimizer, scheduler)
 
 
@@ -403,6 +409,9 @@ def rl(run):
     optimizer, scheduler = make_optimizer(run, a.lr, 0.0, a.max_steps * a.ppo_epochs, 0.0, False)
     start = checkpoint.restore(run, "rl", optimizer, scheduler)
     run.policy.train()        # gradient checkpointing acts only in train mode; the model has no dropout
+    every = a.eval_every if run.eval_set else 0
+    if every and start == 0:
+        heldout_accuracy(run, run.eval_set, 0)
     bar = tqdm(range(start, a.max_steps), desc="StepGRPO", initial=start, total=a.max_steps, disable=not run.master)
     for step in bar:
         t0 = time.time()
@@ -414,7 +423,7 @@ def rl(run):
             for text, s, r in zip(batch.rollout.texts, batch.samples, batch.rewards):
                 run.log.write("rollouts.jsonl", dict(step=step + 1, id=s.get("id"), completion=text, **r))
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
-        if a.eval_every and (step + 1) % a.eval_every == 0 and run.eval_set:
+        if every and (step + 1) % every == 0:
             heldout_accuracy(run, run.eval_set, step + 1)
         end_of_step(run, "rl", step, start, a.max_steps, optimizer, scheduler)
 

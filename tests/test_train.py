@@ -131,14 +131,19 @@ def test_ablation_runs_every_arm_from_one_warmup(warm, tmp_path):
     on the same held-out questions, and lands in results.json and the chart."""
     ablation = lambda *flags: subprocess.run(
         [sys.executable, os.path.join(ROOT, "ablation.py"), "--warmup", str(warm / "final"), "--seeds", "0",
-         "--eval_n", "4", "--max_new_tokens", "32", "--jobs", "2", "--out_dir", str(tmp_path),
-         "--plot", str(tmp_path / "ablation.png"), *flags], capture_output=True, text=True, cwd=ROOT, timeout=600)
+         "--eval_n", "4", "--max_new_tokens", "32", "--jobs", "2", "--out_dir", str(tmp_path), "--regime", "sparse",
+         "--eval_every", "1", "--curve_n", "2", "--probe_n", "2", *flags], capture_output=True, text=True, cwd=ROOT,
+        timeout=600)
     res = ablation("--steps", "1")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    runs = json.load(open(tmp_path / "results.json"))["runs"]
+    results = json.load(open(tmp_path / "results.json"))
+    runs = results["runs"]
     assert [r["arm"] for r in runs] == ["warmup", "outcome", "steprar", "steprvr", "step", "sft"]
     assert all(0 <= r["accuracy"] <= 100 and 0 <= r["format"] <= 100 for r in runs)
-    assert "| + StepRAR + StepRVR (StepGRPO) |" in res.stdout and (tmp_path / "ablation.png").exists()
+    assert all([s for s, _ in r["curves"]["accuracy"]] == [0, 1] for r in runs[1:])      # warm-up, then each step
+    assert set(results["step0"]["frac_reward_zero_std"]) == {"outcome", "steprar", "steprvr", "step"}
+    assert "| + StepRAR + StepRVR (StepGRPO) |" in res.stdout and "groups with zero reward std" in res.stdout
+    assert (tmp_path / "ablation.png").exists()                                 # into out_dir, not assets/
     assert max(r["lr"] for r in metrics(tmp_path / "sft_seed0", "sft")) <= 5e-5   # the control's small lr
     other = ablation("--steps", "2")             # runs made under other settings are never mixed in
     assert other.returncode != 0 and "use another --out_dir" in other.stderr
