@@ -32,6 +32,9 @@ p.add_argument("--max_new_tokens", type=int, default=64)
 p.add_argument("--image_size", type=int, default=112)
 p.add_argument("--steps", type=int, default=6, help="timed steps; one more runs first as warm-up")
 p.add_argument("--beta", type=float, default=0.04)
+p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
+               help="also time decoding per step, ROWS:LENGTHS (default 1,4,8,16:64,256,1024); off by default")
+p.add_argument("--compile", action="store_true", help="decode table: compiled decode step (CUDA graphs)")
 args = p.parse_args()
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,3 +180,56 @@ for k, v in result.items():
     if not k.endswith("_s_median"):
         print(f"{k:<34}{v}")
 print(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- decode scaling
+
+def decode_table(rows_list, lengths, compile=False):
+    """ms per decode step for `rows` samples of one prompt (shared prefill) at each completion length,
+    with EOS off: (time for `length` tokens - time for 1 token) / (length - 1), so the prefill and
+    the fixed costs drop out. Decodes from the bf16 inference copy on CUDA. On CUDA also the
+    fraction of the bandwidth roofline: the bytes a step must read (text decoder weights and LM
+    head, plus the whole static KV cache it attends over) at the measured copy bandwidth."""
+    sampler = M.inference_copy(policy, torch.bfloat16) if cuda else policy
+    images, _, chat = prompts(0)
+    text = sampler.config.get_text_config()
+    weight_bytes = sum(q.numel() * q.element_size() for name, q in sampler.named_parameters()
+                       if not name.startswith("model.visual"))
+    bandwidth = memory_bandwidth() if cuda else None
+
+    def run(rows, length):
+        with amp:
+            return rollout.generate(sampler, tokenizer, image_processor, images[:1], [""], num_samples=rows,
+                                    max_new_tokens=length, prompts=chat[:1], seeds=[0], ignore_eos=True,
+                                    compile=compile)
+    table = []
+    for rows in rows_list:
+        run(rows, 2)
+        base = min(timed(lambda: run(rows, 1))[1] for _ in range(3))
+        for length in lengths:
+            if compile:
+                run(rows, length)                             # compiles this (rows, cache length) shape
+            ro, secs = min((timed(lambda: run(rows, length)) for _ in range(2)), key=lambda r: r[1])
+            step_s = (secs - base) / (length - 1)
+            row = dict(rows=rows, tokens=length, ms_per_step=round(1000 * step_s, 3))
+            if cuda:
+                cache_len = -(-(ro.prompt["input_ids"].shape[1] + length) // rollout.CACHE_ROUND) * rollout.CACHE_ROUND
+                kv_bytes = (2 * text.num_hidden_layers * rollout.padded_rows(rows) * text.num_key_value_heads
+                            * cache_len * (text.hidden_size // text.num_attention_heads) * 2)
+                row["roofline_frac"] = round((weight_bytes + kv_bytes) / bandwidth / step_s, 3)
+            table.append(row)
+    for row in table:                                         # per rows: time per step relative to the shortest
+        first = next(r for r in table if r["rows"] == row["rows"])
+        row["vs_shortest"] = round(row["ms_per_step"] / first["ms_per_step"], 2)
+    return table
+
+
+if args.decode_table:
+    rows_spec, lengths_spec = args.decode_table.split(":")
+    table = decode_table([int(r) for r in rows_spec.split(",")], [int(n) for n in lengths_spec.split(",")],
+                         args.compile)
+    print(f"{'rows':>6}{'tokens':>8}{'ms/step':>10}{'vs shortest':>13}" + (f"{'roofline':>10}" if cuda else ""))
+    for r in table:
+        print(f"{r['rows']:>6}{r['tokens']:>8}{r['ms_per_step']:>10.3f}{r['vs_shortest']:>13.2f}"
+              + (f"{r['roofline_frac']:>10.3f}" if cuda else ""))
+    print(json.dumps({**result, "decode_compile": args.compile, "decode_table": table}))

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
@@ -95,6 +95,11 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     was_training = model.training
     model.eval()
     cache, hidden, next_pos = prefill(model, batch, group, max_new_tokens, keep=compile)
+    # An FSDP2-sharded policy: the decode step calls the layers' parts, which FSDP's hooks do not
+    # see, so the layers' full weights are gathered once here and held until decoding ends.
+    sharded = [layer for layer in model.model.language_model.layers if isinstance(layer, FSDPModule)]
+    for layer in sharded:
+        layer.unshard()
     step = compiled_decode_step() if compile else decode_step
     first_slot = torch.tensor([batch["input_ids"].shape[1]], device=device)
     head = fp32_head(model)
@@ -112,6 +117,8 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
             break
         tokens[:n, 0] = tok
         hidden = step(model, cache, tokens, next_pos + t, first_slot + t)
+    for layer in sharded:
+        layer.reshard()
     model.train(was_training)
 
     completion_mask, truncated = first_stop_mask(ids[:, :t + 1], stop_t)

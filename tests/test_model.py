@@ -285,30 +285,46 @@ def test_bf16_copy_computes_what_the_fp32_policy_computes_under_autocast(tiny):
     assert ((scored - b.logprobs) * b.completion_mask).abs().max() < 0.02
 
 
-def test_refresh_gathers_fsdp2_shards(tmp_path):
+def run_sharded(tmp_path, body):
+    """Run `body` in a fresh one-process gloo group with `policy` the tiny model sharded by FSDP2
+    (its decoder layers' weights are DTensors); the process prints "ok" when `body` passes."""
     import os
     import subprocess
     import sys
+    import textwrap
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r}); sys.path.insert(0, {os.path.join(root, "tests")!r})
-import model as M, parallel
-from test_model import cast_equal
+import model as M, parallel, rollout as R
+from test_model import IMAGES, QUESTIONS, cast_equal
 from torch.distributed.tensor import DTensor
 dist.init_process_group("gloo", init_method="file://{tmp_path}/pg", rank=0, world_size=1)
+plain, tok, ip = M.load("tiny", device="cpu")
 policy = parallel.shard(M.load("tiny", device="cpu")[0])
 assert isinstance(policy.get_parameter("model.language_model.layers.0.mlp.up_proj.weight"), DTensor)
-sampler = M.inference_copy(policy, torch.bfloat16)
-optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-for p in policy.parameters():
-    p.grad = torch.ones_like(p)
-optimizer.step()
-M.refresh_inference_copy(sampler, policy)
-assert cast_equal(sampler, policy)
-dist.destroy_process_group()
-print("ok")
-"""
+""" + textwrap.dedent(body) + "\ndist.destroy_process_group()\nprint('ok')\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_refresh_gathers_fsdp2_shards(tmp_path):
+    run_sharded(tmp_path, """
+        sampler = M.inference_copy(policy, torch.bfloat16)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+        for p in policy.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        M.refresh_inference_copy(sampler, policy)
+        assert cast_equal(sampler, policy)
+    """)
+
+
+def test_sharded_policy_generates_what_the_plain_one_does(tmp_path):
+    run_sharded(tmp_path, """
+        kw = dict(num_samples=2, temperature=1.3, max_new_tokens=12, seeds=[1, 2])
+        a, b = (R.generate(net, tok, ip, IMAGES, QUESTIONS, **kw) for net in (plain, policy))
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        assert isinstance(policy.get_parameter("model.language_model.layers.0.mlp.up_proj.weight"), DTensor)
+    """)
