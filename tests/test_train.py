@@ -2,6 +2,7 @@
 and the step itself, called directly: train.py imports without side effects."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -275,3 +276,72 @@ def test_summary_is_valid_json_when_a_metric_has_no_value(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(c))
     assert summary["skipped"]["long_prompt"] == 4 and summary["reward_first"] is None
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=lambda c: pytest.fail(c))
+
+
+# ---------------------------------------------------------------------------- several processes (gloo)
+def torchrun(script, *args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script, *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+FSDP_PROBE = """
+import json, sys, torch
+from torch.distributed.tensor import DTensor
+import model as M, parallel, train as T
+run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--stage", "rl", "--data", "toy", "--fsdp", "--prompts_per_step", "1",
+                            "--num_generations", "2", "--max_new_tokens", "8", "--micro_batch", "2", "--eval_n", "0"]))
+run.reference = T.load_reference(run)
+sharded = lambda net: all(isinstance(q, DTensor) for b in parallel.blocks(net) for q in b.parameters())
+batch = T.collect(run, 0)
+prompt, ids, _ = batch.rollout.rows([0, 1])
+with torch.no_grad():
+    M.completion_logprobs(run.reference, prompt, ids)
+state = dict(reference=sharded(run.reference))
+logp = M.completion_logprobs(run.policy, prompt, ids)
+state["policy_after_forward"] = sharded(run.policy)
+logp.sum().backward()
+state["policy_after_backward"] = sharded(run.policy)
+print("STATE", json.dumps(state))
+"""
+
+
+def test_fsdp_blocks_reshard_after_forward_and_the_reference_stays_sharded(tmp_path):
+    (tmp_path / "probe.py").write_text(FSDP_PROBE)
+    res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    states = [json.loads(s) for s in re.findall(r"STATE (\{[^}]*\})", res.stdout)]   # ranks' lines may interleave
+    assert len(states) == 2
+    assert all(s == {"reference": True, "policy_after_forward": True, "policy_after_backward": True} for s in states)
+
+
+def bad_image_sft_file(tmp_path):
+    """Two SFT records: a readable image and a JPEG cut short (its header passes the loader's check, its pixels do not)."""
+    from PIL import Image
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "good.png")
+    noisy = Image.frombytes("RGB", (128, 128), bytes(range(256)) * 192)
+    noisy.save(tmp_path / "cut.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:1500])
+    rows = [{"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "red"}],
+             "images": [name]} for name in ("good.png", "cut.jpg")]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "sft.jsonl"
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["data-parallel", "fsdp"])
+def test_a_rank_whose_whole_sft_batch_is_skipped_keeps_step_with_the_others(tmp_path, mode):
+    data = bad_image_sft_file(tmp_path)
+    res = torchrun(os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "out"), "--stage", "sft", "--data", str(data),
+                   "--sft_steps", "3", "--sft_batch", "1", "--model", "tiny", *mode)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["skipped"]["bad_image"] >= 1 and len(metrics(tmp_path / "out", "sft")) == 3
+
+
+def test_resume_on_more_ranks_continues_the_same_run(warm, tmp_path):
+    flags = ["--model", str(warm / "final"), *RL, "--max_steps", "2", "--save_every", "1"]
+    train(tmp_path, *flags, "--stop_after", "1")
+    res = torchrun(os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path), *flags, "--prompts_per_step", "2", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "of a run on 1 rank(s)" in res.stderr + res.stdout
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
