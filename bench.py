@@ -1,16 +1,21 @@
-"""bench.py: time one StepGRPO step on a fixed workload and print a table and a JSON line.
+"""bench.py: time train.py's own StepGRPO step on a fixed workload; print a table and a JSON line.
 
-    python bench.py                         # tiny Qwen2-VL on CPU (about a minute)
-    python bench.py --model qwen2-vl-2b     # the Qwen2-VL-2B architecture with random weights (CUDA)
-    python bench.py --model out/final       # any local model directory
+    python bench.py                                        # tiny Qwen2-VL on CPU, the small workload
+    python bench.py --model qwen2-vl-2b                    # the Qwen2-VL-2B architecture, random weights (CUDA)
+    python bench.py --model qwen2-vl-2b --workload paper   # R1-VL's step: 16 rows x 1,024 tokens, 640x480 image
+    python bench.py --decode_table                         # also ms per decode step by rows x length
 
-The workload is the one ../shared/peer/trl_grpo_step.py gives TRL's GRPOTrainer (prompts per step,
-M samples, a fixed completion length with EOS disabled, one 112x112 image per prompt, the same
-short question), so the two step times compare directly. The step mirrors train.py's RL step
-phase by phase: generate → reward → reference log-probs → policy forward/backward + AdamW step.
-Also measured: the two fast paths of rollout.py/model.py against their plain alternatives (one
-prefill per prompt vs. one per sample; chunked completion-only log-probs vs. one full-vocabulary
-log-softmax), so each is kept only for a measured gain.
+Workloads (every completion exactly --max_new_tokens long: EOS is ignored, so runs compare):
+    small  2 prompts x M = 4, 64 new tokens, one 112x112 image and a short question per prompt, β = 0.04.
+    paper  the paper's step on one GPU: 1 prompt x 4 accumulation steps x M = 4 = 16 rows of 1,024 new
+           tokens, one 640x480 image per prompt, T = 1.2, micro-batches of 4 rows.
+The step is train.py's: a Run built by train.setup from the same flags as a training run, then
+`collect` (generate, reward, advantages) and `update` (reference log-probs, micro-batched loss and
+backward, AdamW step, refresh of the sampler's weights), timed phase by phase. Also measured: the
+fast paths against their plain alternatives (one prefill per prompt vs one per sample; chunked
+completion-only log-probs vs one full-vocabulary block), and with --decode_table the time per decode
+step by batch rows and completion length (flat in length: a static KV cache). On CUDA the decode
+figures are also given as a fraction of the memory-bandwidth roofline, and the update as MFU.
 """
 import argparse, json, os, resource, statistics, time
 
@@ -20,57 +25,55 @@ from PIL import Image, ImageDraw
 import model as M
 import rollout
 import toy
-from stepgrpo import group_advantages, policy_loss
+import train
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU, vendor figures
-
-p = argparse.ArgumentParser()
-p.add_argument("--model", default="tiny", help="'tiny', 'qwen2-vl-2b' (random weights) or a local directory")
-p.add_argument("--prompts_per_step", type=int, default=2)
-p.add_argument("--num_generations", type=int, default=4)
-p.add_argument("--max_new_tokens", type=int, default=64)
-p.add_argument("--image_size", type=int, default=112)
-p.add_argument("--steps", type=int, default=6, help="timed steps; one more runs first as warm-up")
-p.add_argument("--beta", type=float, default=0.04)
-p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
-               help="also time decoding per step, ROWS:LENGTHS (default 1,4,8,16:64,256,1024); off by default")
-p.add_argument("--compile", action="store_true", help="decode table: compiled decode step (CUDA graphs)")
-args = p.parse_args()
-
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-cuda = device.type == "cuda"
-amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-if args.model == "qwen2-vl-2b":
-    _, tokenizer, image_processor = toy.load_tiny()   # its tokenizer, with the paper's pixel range
-    M.set_pixel_range(image_processor, M.MIN_PIXELS, M.MAX_PIXELS)
-    policy = M.random_init(tokenizer, image_processor, model_vocab=151936).to(device)   # 2B: random_init's defaults
-else:
-    policy, tokenizer, image_processor = M.load(args.model, device=device, dtype=torch.float32)
-reference = M.load(args.model, device=device)[0] if os.path.isdir(args.model) else None
-if reference is None:   # the same random weights, frozen, in the compute dtype
-    import copy
-    reference = copy.deepcopy(policy).to(torch.bfloat16 if cuda else torch.float32)
-reference.eval().requires_grad_(False)
-optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-suppress_ids, _ = M.special_ids(tokenizer)
-n_params = sum(q.numel() for q in policy.parameters())
+WORKLOADS = {"small": dict(prompts_per_step=2, grad_accum=1, max_new_tokens=64, image=(112, 112), temperature=1.0,
+                           micro_batch=8),
+             "paper": dict(prompts_per_step=1, grad_accum=4, max_new_tokens=1024, image=(640, 480), temperature=1.2,
+                           micro_batch=4)}
 
 
-def make_image(i, size):
-    """The peer harness's picture: a coloured square and the number drawn on white."""
-    im = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(im)
-    d.rectangle([4, 4, size // 2, size // 2], fill=(37 * i % 255, 80, 160))
-    d.text((size // 2, size // 2), str(i), fill="black")
-    return im
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny', 'qwen2-vl-2b' (random weights) or a model directory")
+    p.add_argument("--workload", default="small", choices=sorted(WORKLOADS), help="see the module docstring")
+    p.add_argument("--steps", type=int, default=3, help="timed steps; one more runs first as warm-up")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="as train.py's flag")
+    p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
+                   help="also time decoding per step, ROWS:LENGTHS")
+    p.add_argument("--compile", action="store_true", help="decode table: compiled decode step (CUDA graphs)")
+    p.add_argument("--out_dir", default="out/bench", help="the run's folder; the random 2B model is saved here once")
+    return p.parse_args()
 
 
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
+def random_2b(out_dir):
+    """The Qwen2-VL-2B architecture with random weights, saved once in bf16 so train.setup loads it as any model."""
+    path = os.path.join(out_dir, "qwen2-vl-2b")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        _, tokenizer, image_processor = toy.load_tiny()   # its tokenizer, with the paper's pixel range
+        M.set_pixel_range(image_processor, M.MIN_PIXELS, M.MAX_PIXELS)
+        net = M.random_init(tokenizer, image_processor, model_vocab=151936).to(torch.bfloat16)  # 2B: the defaults
+        for part in (net, tokenizer, image_processor):
+            part.save_pretrained(path)
+    return path
+
+
+def samples(n, size):
+    """Bench prompts: a coloured square and a number drawn on white, and a question about it."""
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", size, "white")
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([4, 4, size[0] // 2, size[1] // 2], fill=(37 * i % 255, 80, 160))
+        draw.text((size[0] // 2, size[1] // 2), str(i), fill="black")
+        out.append(dict(id=f"bench-{i}", image=image, problem=f"What number is shown? ({i})", solution=str(i),
+                        key_steps={"Steps": [[str(i)]]}))
+    return out
 
 
 def timed(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     t = time.perf_counter()
     out = fn()
@@ -78,138 +81,62 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def prompts(step):
-    ids = range(step * args.prompts_per_step, (step + 1) * args.prompts_per_step)
-    chat = [tokenizer.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": f"What number is shown? ({i})"}]}], tokenize=False,
-        add_generation_prompt=True) for i in ids]   # the peer's prompt, through the same chat template
-    return [make_image(i, args.image_size) for i in ids], [str(i) for i in ids], chat
-
-
-def generate(images, chat, m):
-    return rollout.generate(policy, tokenizer, image_processor, images, [""] * len(images), num_samples=m,
-                            temperature=1.0, max_new_tokens=args.max_new_tokens, prompts=chat, ignore_eos=True)
-
-
-def step(i):
-    """One RL step, phase by phase (train.py's rl() without logging and checkpoints)."""
-    images, answers, chat = prompts(i)
-    m, t = args.num_generations, {}
-    with amp:
-        ro, t["generate"] = timed(lambda: generate(images, chat, m))
-    rewards, t["reward"] = timed(lambda: torch.tensor([float(answers[g] in text)
-                                                       for text, g in zip(ro.texts, ro.group.tolist())]))
-    adv = group_advantages(rewards, m)[0].to(device)
-    with torch.no_grad(), amp:
-        ref, t["reference"] = timed(lambda: M.completion_logprobs(reference, ro.prompt, ro.completion_ids, 1.0,
-                                                                  suppress_ids) if args.beta else None)
-
-    def update():
-        with amp:
-            lp = M.completion_logprobs(policy, ro.prompt, ro.completion_ids, 1.0, suppress_ids)
-        loss, _ = policy_loss(lp, None, ref, adv, ro.completion_mask, beta=args.beta)
-        loss.backward()
-        optimizer.step(), optimizer.zero_grad(set_to_none=True)
-    _, t["update"] = timed(update)
-    t["step"] = sum(t.values())
-    tokens = ro.completion_ids.numel()
-    prompt_tokens = int(ro.prompt["attention_mask"].sum())
-    return t, tokens, prompt_tokens, ro
-
-
-def fast_path_checks(ro):
-    """Each fast path against its plain alternative, on the same inputs."""
-    images, _, chat = prompts(0)
-    m = args.num_generations
-    with amp:
-        _, shared = timed(lambda: generate(images, chat, m))
-        _, per_sample = timed(lambda: generate([im for im in images for _ in range(m)],
-                                               [c for c in chat for _ in range(m)], 1))
-    out = {"generate_s_shared_prefill": shared, "generate_s_prefill_per_sample": per_sample}
-    for name, chunk in (("chunked", 256), ("one_block", 10 ** 9)):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        with amp:
-            lp, secs = timed(lambda: M.completion_logprobs(policy, ro.prompt, ro.completion_ids, 1.0, suppress_ids,
-                                                           chunk_size=chunk).sum().backward())
-        policy.zero_grad(set_to_none=True)
-        out[f"score_backward_s_{name}"] = secs
-        if cuda:
-            out[f"score_backward_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    return out
-
-
-def memory_bandwidth():
+def memory_bandwidth(device):
     """Achievable device memory bandwidth (bytes/s) from a large copy: the roofline for decoding."""
     x = torch.empty(2 ** 28, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    _, secs = timed(lambda: [y.copy_(x) for _ in range(20)])
-    return 2 * x.numel() * 20 / secs
+    return 2 * x.numel() * 20 / timed(lambda: [y.copy_(x) for _ in range(20)])[1]
 
 
-torch.manual_seed(0)
-step(0)                                        # warm-up (allocations, kernels)
-if cuda:
-    torch.cuda.reset_peak_memory_stats()
-runs = [step(i + 1) for i in range(args.steps)]
-med = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
-tokens, prompt_tokens, ro = runs[-1][1], runs[-1][2], runs[-1][3]
-result = dict(model=args.model, device=torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()} threads",
-              params=n_params, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
-              completion_tokens=args.max_new_tokens, image_size=args.image_size, steps=args.steps,
-              **{f"{k}_s_median": round(v, 4) for k, v in med.items()},
-              rollout_tokens_per_s=round(tokens / med["generate"], 1),
-              scoring_tokens_per_s=round(tokens / med["reference"], 1) if args.beta else None)
-if cuda:
-    result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-    weight_bytes = 2 * n_params                          # bf16 weight copies read once per decoding step
-    result["decode_bandwidth_roofline_frac"] = round(
-        weight_bytes * args.max_new_tokens / med["generate"] / memory_bandwidth(), 3)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    flops = 6 * n_params * (tokens + prompt_tokens)    # forward + backward over prompt and completion tokens
-    result["update_mfu"] = round(flops / med["update"] / peak, 3) if peak else None
-else:
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
-result.update({k: round(v, 4) for k, v in fast_path_checks(ro).items()})
-
-print(f"{'phase':<12}{'median s':>10}")
-for k in ("generate", "reward", "reference", "update", "step"):
-    print(f"{k:<12}{med[k]:>10.4f}")
-for k, v in result.items():
-    if not k.endswith("_s_median"):
-        print(f"{k:<34}{v}")
-print(json.dumps(result))
+def fast_paths(run, batch):
+    """Each fast path against its plain alternative, on the same inputs."""
+    ro, chunk_rows = batch.rollout, list(range(min(4, len(batch.rewards))))
+    first = [batch.samples[i] for i in range(0, len(batch.samples), run.args.num_generations)]
+    images, questions, m = [s["image"] for s in first], [s["problem"] for s in first], run.args.num_generations
+    gen = lambda ims, qs, k: rollout.generate(run.sampler, run.tokenizer, run.image_processor, ims, qs,  # noqa: E731
+                                              num_samples=k, max_new_tokens=run.args.max_new_tokens, ignore_eos=True)
+    with run.amp:
+        out = {"generate_s_shared_prefill": timed(lambda: gen(images, questions, m))[1],
+               "generate_s_prefill_per_sample": timed(lambda: gen([x for x in images for _ in range(m)],
+                                                                  [q for q in questions for _ in range(m)], 1))[1]}
+    prompt, ids, _ = ro.rows(chunk_rows)
+    for name, chunk in (("chunked", 256), ("one_block", 10 ** 9)):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with run.amp:
+            out[f"score_backward_s_{name}"] = timed(lambda: M.completion_logprobs(
+                run.policy, prompt, ids, 1.0, ro.suppress_ids, chunk_size=chunk).sum().backward())[1]
+        run.policy.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            out[f"score_backward_peak_gib_{name}"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
 
 
-# ----------------------------------------------------------------------------- decode scaling
-
-def decode_table(rows_list, lengths, compile=False):
-    """ms per decode step for `rows` samples of one prompt (shared prefill) at each completion length,
-    with EOS off: (time for `length` tokens - time for 1 token) / (length - 1), so the prefill and
-    the fixed costs drop out. Decodes from the bf16 inference copy on CUDA. On CUDA also the
-    fraction of the bandwidth roofline: the bytes a step must read (text decoder weights and LM
-    head, plus the whole static KV cache it attends over) at the measured copy bandwidth."""
-    sampler = M.inference_copy(policy, torch.bfloat16) if cuda else policy
-    images, _, chat = prompts(0)
+def decode_table(run, rows_list, lengths, compile=False):
+    """ms per decode step for `rows` samples of one prompt at each completion length, EOS off:
+    (time for `length` tokens - time for 1 token) / (length - 1), so the prefill and fixed costs drop
+    out. On CUDA also the fraction of the bandwidth roofline: the bytes a step must read (text decoder
+    weights and LM head, plus the whole static KV cache it attends over) at the measured bandwidth."""
+    sampler, cuda = run.sampler, run.device.type == "cuda"
+    s = samples(1, (112, 112))[0]
     text = sampler.config.get_text_config()
     weight_bytes = sum(q.numel() * q.element_size() for name, q in sampler.named_parameters()
                        if not name.startswith("model.visual"))
-    bandwidth = memory_bandwidth() if cuda else None
+    bandwidth = memory_bandwidth(run.device) if cuda else None
 
-    def run(rows, length):
-        with amp:
-            return rollout.generate(sampler, tokenizer, image_processor, images[:1], [""], num_samples=rows,
-                                    max_new_tokens=length, prompts=chat[:1], seeds=[0], ignore_eos=True,
-                                    compile=compile)
+    def generate(rows, length):
+        with run.amp:
+            return rollout.generate(sampler, run.tokenizer, run.image_processor, [s["image"]], [s["problem"]],
+                                    num_samples=rows, max_new_tokens=length, seeds=[0], ignore_eos=True, compile=compile)
     table = []
     for rows in rows_list:
-        run(rows, 2)
-        base = min(timed(lambda: run(rows, 1))[1] for _ in range(3))
+        generate(rows, 2)
+        base = min(timed(lambda: generate(rows, 1))[1] for _ in range(3))
         for length in lengths:
             if compile:
-                run(rows, length)                             # compiles this (rows, cache length) shape
-            ro, secs = min((timed(lambda: run(rows, length)) for _ in range(2)), key=lambda r: r[1])
+                generate(rows, length)                    # compiles this (rows, cache length) shape
+            ro, secs = min((timed(lambda: generate(rows, length)) for _ in range(2)), key=lambda r: r[1])
             step_s = (secs - base) / (length - 1)
             row = dict(rows=rows, tokens=length, ms_per_step=round(1000 * step_s, 3))
             if cuda:
@@ -218,18 +145,67 @@ def decode_table(rows_list, lengths, compile=False):
                             * cache_len * (text.hidden_size // text.num_attention_heads) * 2)
                 row["roofline_frac"] = round((weight_bytes + kv_bytes) / bandwidth / step_s, 3)
             table.append(row)
-    for row in table:                                         # per rows: time per step relative to the shortest
+    for row in table:                                     # per rows: time per step relative to the shortest
         first = next(r for r in table if r["rows"] == row["rows"])
         row["vs_shortest"] = round(row["ms_per_step"] / first["ms_per_step"], 2)
     return table
 
 
-if args.decode_table:
-    rows_spec, lengths_spec = args.decode_table.split(":")
-    table = decode_table([int(r) for r in rows_spec.split(",")], [int(n) for n in lengths_spec.split(",")],
-                         args.compile)
-    print(f"{'rows':>6}{'tokens':>8}{'ms/step':>10}{'vs shortest':>13}" + (f"{'roofline':>10}" if cuda else ""))
-    for r in table:
-        print(f"{r['rows']:>6}{r['tokens']:>8}{r['ms_per_step']:>10.3f}{r['vs_shortest']:>13.2f}"
-              + (f"{r['roofline_frac']:>10.3f}" if cuda else ""))
-    print(json.dumps({**result, "decode_compile": args.compile, "decode_table": table}))
+def main():
+    args = parse_args()
+    w = WORKLOADS[args.workload]
+    model = random_2b(args.out_dir) if args.model == "qwen2-vl-2b" else args.model
+    flags = ["--model", model, "--data", "toy", "--stage", "rl", "--out_dir", args.out_dir, "--overwrite", "--eval_n", "0",
+             "--max_steps", str(args.steps + 1), "--num_generations", "4", "--beta", "0.04", "--lr", "1e-6",
+             *[f"--{k}={v}" for k, v in w.items() if k != "image"],
+             *(["--gradient_checkpointing"] if args.gradient_checkpointing else [])]
+    run = train.setup(train.parse_args(flags))
+    run.train_set, run.fixed_length = samples(64, w["image"]), True
+    run.reference = train.load_reference(run)
+    optimizer, scheduler = train.make_optimizer(run, run.args.lr, 0.0, args.steps + 1, 0.0, False)
+    cuda = run.device.type == "cuda"
+    times, n_params = [], sum(q.numel() for q in run.policy.parameters())
+    for step in range(args.steps + 1):                     # step 0 warms up (allocations, kernels)
+        if step == 1 and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        batch, seconds = timed(lambda: train.collect(run, step))
+        result, update_s = timed(lambda: train.update(run, batch, optimizer, scheduler))
+        times.append(dict(batch.seconds, step=seconds + update_s))
+    med = {k: statistics.median(t[k] for t in times[1:]) for k in times[1]}
+    ro = batch.rollout
+    tokens, prompt_tokens = ro.completion_ids.numel(), int(ro.prompt["attention_mask"].sum())
+    out = dict(model=args.model, workload=args.workload,
+               device=torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()} threads",
+               params=n_params, rows=ro.completion_ids.shape[0], completion_tokens=ro.completion_ids.shape[1],
+               steps=args.steps, **{f"{k}_s_median": round(v, 4) for k, v in med.items()},
+               rollout_tokens_per_s=round(tokens / med["generate"], 1),
+               decode_ms_per_step=round(1000 * med["generate"] / ro.completion_ids.shape[1], 3),
+               scoring_tokens_per_s=round(tokens / med["reference"], 1))
+    if cuda:
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        flops = 6 * n_params * (tokens + prompt_tokens)   # forward + backward over prompt and completion tokens
+        out["update_mfu"] = round(flops / med["update"] / peak, 3) if peak else None
+    else:
+        out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    out.update({k: round(v, 4) for k, v in fast_paths(run, batch).items()})
+    print(f"{'phase':<12}{'median s':>10}")
+    for k in ("generate", "reward", "reference", "update", "step"):
+        print(f"{k:<12}{med[k]:>10.4f}")
+    for k, v in out.items():
+        if not k.endswith("_s_median"):
+            print(f"{k:<34}{v}")
+    if args.decode_table:
+        rows_spec, lengths_spec = args.decode_table.split(":")
+        out["decode_compile"] = args.compile
+        out["decode_table"] = table = decode_table(run, [int(r) for r in rows_spec.split(",")],
+                                                   [int(n) for n in lengths_spec.split(",")], args.compile)
+        print(f"{'rows':>6}{'tokens':>8}{'ms/step':>10}{'vs shortest':>13}" + (f"{'roofline':>10}" if cuda else ""))
+        for r in table:
+            print(f"{r['rows']:>6}{r['tokens']:>8}{r['ms_per_step']:>10.3f}{r['vs_shortest']:>13.2f}"
+                  + (f"{r['roofline_frac']:>10.3f}" if cuda else ""))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

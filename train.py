@@ -113,6 +113,7 @@ class Run:
     eval_set: list
     log: logs.Log
     reference: torch.nn.Module = None   # frozen starting model of the RL stage
+    fixed_length: bool = False          # benchmarks: every completion max_new_tokens long (stop tokens ignored)
     skipped: dict = dataclasses.field(default_factory=lambda: {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0})
 
     @property
@@ -343,7 +344,7 @@ def collect(run, step):
     samples, positions = data.batch_at(run.train_set, step, a.prompts_per_step * a.grad_accum, run.rank, run.world, a.seed)
     samples, images, index = open_images(run, samples)
     with timer("generate"):
-        ro = generate(run, samples, images, num_samples=m, temperature=a.temperature,
+        ro = generate(run, samples, images, num_samples=m, temperature=a.temperature, ignore_eos=run.fixed_length,
                       seeds=[a.seed * 1_000_003 + positions[i] for i in index])
     run.skipped["long_prompt"] += len(samples) - (len(ro.kept) if ro else 0)
     if ro is None:
