@@ -180,7 +180,7 @@ def main():
     p.add_argument("--teacher_noise", type=float, help="the warm-up's and SFT arm's paths miscount (default: regime's)")
     p.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     p.add_argument("--eval_n", type=int, default=400, help="held-out questions of the final score (greedy)")
-    p.add_argument("--eval_every", type=int, default=25, help="steps between points of the accuracy curves; 0: none")
+    p.add_argument("--eval_every", type=int, default=30, help="steps between points of the accuracy curves; 0: none")
     p.add_argument("--curve_n", type=int, default=200, help="held-out questions per curve point")
     p.add_argument("--max_new_tokens", type=int, default=160, help="generation budget of the evaluation")
     p.add_argument("--probe_n", type=int, default=64, help="training questions sampled (x4) from the warm-up at step 0")

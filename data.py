@@ -5,7 +5,7 @@ skipped, counted, and logged as one warning line per reason with its first line 
 usable record → ValueError.
 - `load_rl_data`: R1-VL-10K records (image_path, problem, solution, key_steps) for StepGRPO.
 - `load_sft_data`: Mulberry / LLaMA-Factory records (`messages` or ShareGPT `conversations`, plus
-  `images`) for the warm-up SFT (R1-VL §4), or RL records with the solution as the response.
+  `images`) for the warm-up SFT, or RL records with the solution as the response.
 Images are kept as paths, checked at load time to exist and to have a readable header: PIL's
 verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap enough for every
 record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
@@ -255,7 +255,7 @@ def load_sft_data(path, image_root=None, stats=None, drop_reflective=False):
     and ShareGPT {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]},
     and RL records (the solution becomes the response). A leading system turn is ignored (R1-VL's
     prompt has none) and counted in stats["system_turns_ignored"]. `drop_reflective` removes
-    samples with a self-correction sentence (R1-VL's warm-up, paper §4), counted as a skip reason.
+    samples with a self-correction sentence (as in R1-VL's warm-up), counted as a skip reason.
     Same image checks and `stats` as `load_rl_data`.
     """
     return _load(path, image_root, lambda rec, where: _sft_record(rec, drop_reflective), stats,

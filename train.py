@@ -17,20 +17,20 @@ One StepGRPO step is `batch = collect(run, step)` then `update(run, batch, ...)`
 Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run under
 bf16 autocast and rollouts are sampled from a bf16 copy of the weights, refreshed after every step.
 """
-import argparse, dataclasses, json, math, os, random, sys, time
+import argparse, dataclasses, json, math, os, sys, time
 
 import torch
 import torch.distributed as dist
-import transformers
 from tqdm import tqdm
 
-import checkpoint, data, logs, model as M, official, parallel, rewards, rollout, toy
+import checkpoint, data, logs, model as M, official, parallel, rewards, toy
+from launch import generate, load_model, open_images, setup
 from stepgrpo import group_advantages, policy_loss, sampling_mismatch
 
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    """Every flag's default is the paper's (R1-VL §4.1 and its official code); `--data toy` applies toy.PRESET
+    """Every flag's default is the paper's (its implementation details and official code); `--data toy` applies toy.PRESET
     to the flags not given on the command line. `--help` shows both."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
@@ -92,120 +92,6 @@ def parse_args(argv=None):
     if args.top_p < 1 and args.stage != "sft":
         p.error("--top_p < 1 samples from the nucleus, but the loss scores the full distribution: use --top_p 1 in RL")
     return args
-
-
-# ----------------------------------------------------------------------------- setup
-@dataclasses.dataclass
-class Run:
-    """Everything a stage needs: the config, the processes, the models and the data."""
-    args: argparse.Namespace
-    ddp: bool
-    rank: int
-    world: int
-    device: torch.device
-    amp: object                 # autocast context (bf16 on CUDA), or a no-op
-    policy: torch.nn.Module     # fp32 master weights, trained
-    sampler: torch.nn.Module    # what rollouts are sampled from: the policy, or its inference copy
-    tokenizer: object
-    image_processor: object
-    sft_set: list
-    train_set: list
-    eval_set: list
-    log: logs.Log
-    reference: torch.nn.Module = None   # frozen starting model of the RL stage
-    fixed_length: bool = False          # benchmarks: every completion max_new_tokens long (stop tokens ignored)
-    skipped: dict = dataclasses.field(default_factory=lambda: {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0})
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def ckpt_path(self):
-        return os.path.join(self.args.out_dir, "checkpoint", "ckpt.pt")
-
-
-def load_data(args):
-    """(sft_set, train_set, eval_set). For the toy task SFT imitates the teacher's paths (some miscount with
-    --teacher_noise) while RL is rewarded by the truth. Real files: bad records are counted and logged by
-    the loaders; a file with nothing usable is an error."""
-    if args.data == "toy":
-        train = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
-        held = toy.dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
-        return [{**s, "response": s["teacher_solution"]} for s in train], train, held
-    sft = data.load_sft_data(args.data, args.image_root, drop_reflective=args.drop_reflective) if args.stage != "rl" else []
-    rl = data.load_rl_data(args.data, args.image_root, derive_key_steps=args.derive_key_steps) if args.stage != "sft" else []
-    return sft, rl, []
-
-
-def load_model(args, name, device):
-    """The model in fp32 (master weights), FSDP-sharded with --fsdp. A user's mistake gives one line."""
-    try:
-        net, tokenizer, image_processor = M.load(name, device=device, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
-    if args.gradient_checkpointing:   # transformers >= 5.24 names it activation checkpointing
-        enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-    return (parallel.shard(net) if args.fsdp else net), tokenizer, image_processor
-
-
-def check_inputs(args):
-    """Mistakes a person can fix, found before any model is loaded or out_dir is touched."""
-    name = args.model
-    if name != "tiny" and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-        raise SystemExit(f"error: model directory {name!r} does not exist (a hub id looks like 'Qwen/Qwen2-VL-2B-Instruct')")
-    if args.data != "toy" and not os.path.isfile(args.data):
-        raise SystemExit(f"error: data file {args.data!r} not found")
-    if args.wandb:
-        try:
-            import wandb  # noqa: F401  (only checked here; logs.py imports it)
-        except ImportError:
-            raise SystemExit("error: --wandb needs wandb: pip install wandb")
-    saved = checkpoint.stage_of(os.path.join(args.out_dir, "checkpoint", "ckpt.pt"))
-    if args.resume and saved is None:
-        raise SystemExit(f"error: --resume, but {args.out_dir}/checkpoint holds no checkpoint: run without --resume")
-    if not args.resume and saved is not None and not args.overwrite:
-        raise SystemExit(f"error: {args.out_dir} holds a {saved} checkpoint: add --resume to continue it, "
-                         "--overwrite to start afresh, or use another --out_dir")
-
-
-def setup(args):
-    transformers.utils.logging.disable_progress_bar()
-    check_inputs(args)
-    try:
-        sft_set, train_set, eval_set = load_data(args)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    ddp, rank, world, device = parallel.setup()
-    random.seed(args.seed), torch.manual_seed(args.seed)
-    policy, tokenizer, image_processor = load_model(args, args.model, device)
-    bf16 = args.dtype == "bf16" or (device.type == "cuda" and args.dtype is None)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers.
-    sampler = M.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if bf16 or args.fsdp else policy
-    os.makedirs(os.path.join(args.out_dir, "checkpoint"), exist_ok=True)
-    return Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
-               eval_set, logs.Log(args, rank == 0))
-
-
-def open_images(run, samples):
-    """(samples kept, their images, their indices); an unreadable image is logged, counted and its sample dropped."""
-    kept, images, index = [], [], []
-    for i, s in enumerate(samples):
-        try:
-            images.append(data.load_image(s.get("image") or s.get("image_path"), run.image_processor.size["longest_edge"]))
-            kept.append(s), index.append(i)
-        except ValueError as e:
-            run.skipped["bad_image"] += 1
-            run.log.print(f"[rank {run.rank}] skipping sample {s.get('id')}: {e}")
-    return kept, images, index
-
-
-def generate(run, samples, images, **kw):
-    with run.amp:
-        return rollout.generate(run.sampler, run.tokenizer, run.image_processor, images, [s["problem"] for s in samples],
-                                max_new_tokens=run.args.max_new_tokens, max_prompt_len=run.args.max_prompt_len, **kw)
 
 
 def heldout_accuracy(run, samples, step, batch=32, stage="eval"):
@@ -329,7 +215,7 @@ def sft(run):
 @dataclasses.dataclass
 class Batch:
     """One RL step's experience on this rank: rows of a prompt's group are consecutive."""
-    rollout: rollout.Rollout | None   # completions (None: every prompt skipped)
+    rollout: object                   # rollout.Rollout: the completions (None: every prompt skipped)
     samples: list                     # the sample each row answers
     rewards: list                     # per row: {"total", "step_rar", "step_rvr", "correct", "k", ...}
     advantages: torch.Tensor          # per row, Eq. 4
