@@ -107,7 +107,8 @@ def curves(out):
     """From a run's metrics.jsonl: held-out accuracy by step (RL "eval" rows, SFT "eval_sft" rows), the share of
     zero-std groups and the sampled key-step match by step (RL only)."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    acc = [(r["step"], 100 * r["accuracy"]) for r in rows if r["stage"] in ("eval", "eval_sft")]
+    stage = "eval_sft" if any(r["stage"] == "sft" for r in rows) else "eval"
+    acc = sorted({r["step"]: 100 * r["accuracy"] for r in rows if r["stage"] == stage}.items())
     rl = [r for r in rows if r["stage"] == "rl"]
     return dict(accuracy=acc, zero_std=[(r["step"], r["frac_reward_zero_std"]) for r in rl],
                 key_step_match=[(r["step"], r["key_step_match"]) for r in rl])

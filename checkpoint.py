@@ -56,11 +56,13 @@ def load(path, stage, policy, optimizer, scheduler, fsdp, rank, world):
     scheduler.load_state_dict(state["scheduler"])
     if len(state["rng"]) == world:
         rng = state["rng"][rank]
-        torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     else:
-        torch.manual_seed(state["step"] * 1000 + rank), random.seed(state["step"] * 1000 + rank)
+        torch.manual_seed(state["step"] * 1000 + rank)
+        random.seed(state["step"] * 1000 + rank)
     return state
 
 

@@ -107,7 +107,8 @@ def setup(args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     ddp, rank, world, device = parallel.setup()
-    random.seed(args.seed), torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
     policy, tokenizer, image_processor = load_model(args, args.model, device)
     bf16 = args.dtype == "bf16" or (device.type == "cuda" and args.dtype is None)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -124,7 +125,8 @@ def open_images(run, samples):
     for i, s in enumerate(samples):
         try:
             images.append(data.load_image(s.get("image") or s.get("image_path"), run.image_processor.size["longest_edge"]))
-            kept.append(s), index.append(i)
+            kept.append(s)
+            index.append(i)
         except ValueError as e:
             run.skipped["bad_image"] += 1
             run.log.print(f"[rank {run.rank}] skipping sample {s.get('id')}: {e}")

@@ -152,7 +152,8 @@ def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", ma
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_len:
             continue
-        rows.append(ids), kept.append(i)
+        rows.append(ids)
+        kept.append(i)
     if not rows:
         return None
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")

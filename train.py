@@ -94,7 +94,7 @@ def parse_args(argv=None):
     return args
 
 
-def heldout_accuracy(run, samples, step, batch=32, stage="eval"):
+def heldout_accuracy(run, samples, step, stage="eval", batch=32):
     """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR), both
     fractions, also logged as a `stage` row at `step`: "eval" for the RL stage (0: its starting model),
     "eval_sft" for the warm-up."""
@@ -104,7 +104,8 @@ def heldout_accuracy(run, samples, step, batch=32, stage="eval"):
         ro = generate(run, chunk, images, num_samples=1, greedy=True)
         for text, g in zip(ro.texts if ro else [], ro.group.tolist() if ro else []):
             r = rewards.reward(text, chunk[ro.kept[g]], kind="step", alpha=run.args.alpha)
-            correct.append(float(r["correct"])), valid.append(r["step_rvr"])
+            correct.append(float(r["correct"]))
+            valid.append(r["step_rvr"])
     missing = [0.0] * (len(mine) - len(correct))         # skipped samples count as wrong
     m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), run.device, run.ddp)
     run.log.write("metrics.jsonl", dict(stage=stage, step=step, **m))
@@ -206,7 +207,7 @@ def sft(run):
             loss /= run.world
         run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
-        if every and (step + 1) % every == 0:
+        if every and (step + 1) % every == 0 and step + 1 < a.sft_steps:   # main() scores the last step
             heldout_accuracy(run, run.eval_set, step + 1, stage="eval_sft")
         end_of_step(run, "sft", step, start, a.sft_steps, optimizer, scheduler)
 
@@ -226,11 +227,11 @@ class Batch:
 def collect(run, step):
     """Rollouts for this rank's prompts of `step` (each seeded by its position in the data stream), their
     rewards (StepRAR + StepRVR, Eqs. 2-3) and group advantages (Eq. 4)."""
-    a, timer, m = run.args, logs.Timer(), run.args.num_generations
+    a, timer, group_size = run.args, logs.Timer(), run.args.num_generations
     samples, positions = data.batch_at(run.train_set, step, a.prompts_per_step * a.grad_accum, run.rank, run.world, a.seed)
     samples, images, index = open_images(run, samples)
     with timer("generate"):
-        ro = generate(run, samples, images, num_samples=m, temperature=a.temperature, ignore_eos=run.fixed_length,
+        ro = generate(run, samples, images, num_samples=group_size, temperature=a.temperature, ignore_eos=run.fixed_length,
                       seeds=[a.seed * 1_000_003 + positions[i] for i in index])
     run.skipped["long_prompt"] += len(samples) - (len(ro.kept) if ro else 0)
     if ro is None:
@@ -239,7 +240,7 @@ def collect(run, step):
         answered = [samples[ro.kept[g]] for g in ro.group.tolist()]
         judge = official.reward if a.reward_impl == "official" else rewards.reward
         rs = [judge(text, s, kind=a.reward, alpha=a.alpha) for text, s in zip(ro.texts, answered)]
-        advantages, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), m)
+        advantages, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), group_size)
     return Batch(ro, answered, rs, advantages.to(run.device), frac_zero, timer)
 
 
@@ -297,7 +298,7 @@ def rl(run):
     start = checkpoint.restore(run, "rl", optimizer, scheduler)
     run.policy.train()        # gradient checkpointing acts only in train mode; the model has no dropout
     every = a.eval_every if run.eval_set else 0
-    if every and start == 0:
+    if every and start == 0 and a.stage == "rl":      # with --stage both, main() scored the warm-up as step 0
         heldout_accuracy(run, run.eval_set, 0)
     bar = tqdm(range(start, a.max_steps), desc="StepGRPO", initial=start, total=a.max_steps, disable=not run.master)
     for step in bar:
@@ -310,7 +311,7 @@ def rl(run):
             for text, s, r in zip(batch.rollout.texts, batch.samples, batch.rewards):
                 run.log.write("rollouts.jsonl", dict(step=step + 1, id=s.get("id"), completion=text, **r))
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
-        if every and (step + 1) % every == 0:
+        if every and (step + 1) % every == 0 and step + 1 < a.max_steps:   # main() scores the last step
             heldout_accuracy(run, run.eval_set, step + 1)
         end_of_step(run, "rl", step, start, a.max_steps, optimizer, scheduler)
 
@@ -330,7 +331,9 @@ def main(argv=None):
             if args.stage == "both":
                 save_pretrained(run, "warmup")
             if run.eval_set:
-                summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(run, run.eval_set, 0)
+                # the RL stage's starting point (step 0) when one follows, else the warm-up's last step
+                at = (0, "eval") if args.stage == "both" else (args.sft_steps, "eval_sft")
+                summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(run, run.eval_set, *at)
                 run.log.print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
         if args.stage in ("rl", "both"):
             run.reference = load_reference(run)

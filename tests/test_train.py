@@ -2,7 +2,6 @@
 and the step itself, called directly: train.py imports without side effects."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import model as M
 import rollout as R
 import train as T
@@ -302,7 +302,7 @@ logp = M.completion_logprobs(run.policy, prompt, ids)
 state["policy_after_forward"] = sharded(run.policy)
 logp.sum().backward()
 state["policy_after_backward"] = sharded(run.policy)
-print("STATE", json.dumps(state))
+json.dump(state, open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
 """
 
 
@@ -310,8 +310,7 @@ def test_fsdp_blocks_reshard_after_forward_and_the_reference_stays_sharded(tmp_p
     (tmp_path / "probe.py").write_text(FSDP_PROBE)
     res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
-    states = [json.loads(s) for s in re.findall(r"STATE (\{[^}]*\})", res.stdout)]   # ranks' lines may interleave
-    assert len(states) == 2
+    states = [json.load(open(tmp_path / "out" / f"state{rank}.json")) for rank in (0, 1)]
     assert all(s == {"reference": True, "policy_after_forward": True, "policy_after_backward": True} for s in states)
 
 
@@ -345,3 +344,20 @@ def test_resume_on_more_ranks_continues_the_same_run(warm, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "of a run on 1 rank(s)" in res.stderr + res.stdout
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_the_sampling_copy_follows_the_weights_through_updates_and_a_resume(warm, tmp_path):
+    """With bf16 autocast rollouts come from an inference copy: after every update, and after a resume, it
+    holds the master weights, cast."""
+    def holds_master(run):
+        copy = dict(run.sampler.named_parameters())
+        return all(torch.equal(copy[n], q.detach().to(copy[n].dtype)) for n, q in run.policy.named_parameters())
+    flags = ["--model", str(warm / "final"), "--dtype", "bf16", "--max_steps", "2", "--save_every", "1"]
+    run = make_run(tmp_path, *flags)
+    start = {n: q.detach().clone() for n, q in run.policy.named_parameters()}
+    T.rl(run)
+    assert run.sampler is not run.policy and holds_master(run)
+    assert any(not torch.equal(start[n], q) for n, q in run.policy.named_parameters())    # the weights moved
+    resumed = make_run(tmp_path, *flags, "--resume")
+    optimizer, scheduler = T.make_optimizer(resumed, 1e-6, 0.0, 2, 0.0, False)
+    assert checkpoint.restore(resumed, "rl", optimizer, scheduler) == 2 and holds_master(resumed)
