@@ -137,14 +137,14 @@ def plot(results, path):
     names = list(dict.fromkeys(r["arm"] for r in results))
     by = {n: [r for r in results if r["arm"] == n] for n in names}
     has_curves = any(r.get("curves", {}).get("accuracy") for r in results)
-    fig, axes = plt.subplots(1, 3 if has_curves else 1, figsize=(15 if has_curves else 8, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if has_curves else 1, figsize=(15 if has_curves else 8, 4.4), squeeze=False)
     ax = axes[0][0]
     stats = [mean_std([r["accuracy"] for r in by[n]]) for n in names]
     ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4,
            color=["grey"] + ["tab:blue"] * (len(names) - 2) + ["tab:orange"])
     for i, n in enumerate(names):
         ax.plot([i] * len(by[n]), [r["accuracy"] for r in by[n]], "k.", ms=4)
-    ax.set_xticks(range(len(names)), [LABELS[n].replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_xticks(range(len(names)), [LABELS[n].replace(" (", "\n(") for n in names], fontsize=7, rotation=25, ha="right")
     accs = [r["accuracy"] for r in results]
     ax.set_ylim(max(0, min(accs) - 10), min(100, max(accs) + 5))
     ax.set_ylabel("held-out accuracy (%)"), ax.set_title("final accuracy: mean ± std, dots = seeds", fontsize=9)
@@ -162,7 +162,7 @@ def plot(results, path):
         axes[0][1].set_title("held-out accuracy vs step (mean over seeds)", fontsize=9)
         axes[0][2].set_title("share of groups with identical rewards (10-step means)", fontsize=9)
         for axis in axes[0][1:]:
-            axis.set_xlabel("step"), axis.legend(fontsize=6)
+            axis.set_xlabel("step"), axis.legend(fontsize=6, loc="best", framealpha=0.6)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -50,6 +50,16 @@ class Timer(dict):
         self[name] = self.get(name, 0.0) + time.perf_counter() - t
 
 
+def log_rl_step(run, step, batch, result, seconds):
+    """Write one RL step's metrics row (returned) and, every --log_rollouts_every steps, its completions."""
+    record = rl_record(run, step, batch, result, seconds)
+    run.log.write("metrics.jsonl", record)
+    if run.args.log_rollouts_every and (step + 1) % run.args.log_rollouts_every == 0 and batch.rollout:
+        for text, sample, r in zip(batch.rollout.texts, batch.samples, batch.rewards):
+            run.log.write("rollouts.jsonl", dict(step=step + 1, id=sample.get("id"), completion=text, **r))
+    return record
+
+
 def rl_record(run, step, batch, result, seconds):
     """One metrics row of an RL step: per-sample figures averaged over every rank's samples, per-micro-batch
     ones weighted by their rows, the sampling-vs-scoring mismatch as extremes over all ranks."""

@@ -305,11 +305,7 @@ def rl(run):
         t0 = time.time()
         batch = collect(run, step)                             # rollouts, rewards, advantages
         result = update(run, batch, optimizer, scheduler)      # reference log-probs, loss, optimizer step
-        record = logs.rl_record(run, step, batch, result, time.time() - t0)
-        run.log.write("metrics.jsonl", record)
-        if a.log_rollouts_every and (step + 1) % a.log_rollouts_every == 0 and batch.rollout:
-            for text, s, r in zip(batch.rollout.texts, batch.samples, batch.rewards):
-                run.log.write("rollouts.jsonl", dict(step=step + 1, id=s.get("id"), completion=text, **r))
+        record = logs.log_rl_step(run, step, batch, result, time.time() - t0)  # metrics.jsonl, rollouts.jsonl
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
         if every and (step + 1) % every == 0 and step + 1 < a.max_steps:   # main() scores the last step
             heldout_accuracy(run, run.eval_set, step + 1)
