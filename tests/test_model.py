@@ -8,6 +8,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 import data
 import model as M
+from conftest import with_head_bias
 import rollout as R
 
 
@@ -94,17 +95,10 @@ def test_greedy_decoding_matches_transformers_generate(tiny):
 @pytest.fixture()
 def biased(tiny):
     """A copy of the tiny model whose output layer favours vision tokens strongly and EOS mildly."""
-    import copy
-    policy = copy.deepcopy(tiny[0])
     suppress, stop = M.special_ids(tiny[1])
-    head = torch.nn.Linear(policy.lm_head.in_features, policy.lm_head.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(policy.lm_head.weight)
-        head.bias.zero_()
-        head.bias[suppress] = 20.0    # without suppression these would be sampled almost always
-        head.bias[stop[0]] = 4.0      # EOS after a few tokens, at different places per sample
-    policy.lm_head = head
-    return policy, tiny[1], tiny[2]
+    # vision tokens: without suppression they would be sampled almost always; EOS after a few tokens,
+    # at different places per sample
+    return with_head_bias(tiny, {**{t: 20.0 for t in suppress}, stop[0]: 4.0})
 
 
 def test_no_vision_token_is_ever_sampled(biased):

@@ -1,11 +1,11 @@
 """The static-cache decoder of rollout.py against the plain one (tiny preset, CPU, fp32)."""
-import copy
 import warnings
 
 import pytest
 import torch
 
 import model as M
+from conftest import with_head_bias
 import rollout as R
 import toy
 
@@ -19,15 +19,8 @@ def toy_inputs():
 @pytest.fixture(scope="module")
 def ending(tiny):
     """The tiny model with its EOS logit raised, so completions stop at different places."""
-    policy = copy.deepcopy(tiny[0])
     _, stop = M.special_ids(tiny[1])
-    head = torch.nn.Linear(policy.lm_head.in_features, policy.lm_head.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(policy.lm_head.weight)
-        head.bias.zero_()
-        head.bias[stop[0]] = 4.0
-    policy.lm_head = head
-    return policy, tiny[1], tiny[2]
+    return with_head_bias(tiny, {stop[0]: 4.0})
 
 
 def plain_generate(policy, tok, ip, images, questions, m, temperature, max_new_tokens, greedy=False, seeds=None):
