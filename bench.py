@@ -52,7 +52,7 @@ def random_2b(out_dir):
     path = os.path.join(out_dir, "qwen2-vl-2b")
     if not os.path.exists(os.path.join(path, "config.json")):
         _, tokenizer, image_processor = toy.load_tiny()   # its tokenizer, with the paper's pixel range
-        M.set_pixel_range(image_processor, M.MIN_PIXELS, M.MAX_PIXELS)
+        M.set_pixel_range(image_processor, M.MIN_TOKENS, M.MAX_TOKENS)
         net = M.random_init(tokenizer, image_processor, model_vocab=151936).to(torch.bfloat16)  # 2B: the defaults
         for part in (net, tokenizer, image_processor):
             part.save_pretrained(path)

@@ -255,7 +255,7 @@ def score(bench, recs, preds, prompt, counts, extracted=False):
             flags.append(False)
             valid.append(0.0)
             continue
-        answer = text if extracted else final_answer(text, prompt, counts)
+        answer = text if extracted else final_answer(rewards.visible_reply(text), prompt, counts)
         if bench == "toy":
             valid.append(rewards.step_rvr(text))
             flags.append(bool(rewards.is_correct(answer, r["answer"])))
@@ -324,7 +324,7 @@ def check_inputs(args):
         sys.exit("--extracted scores saved answers: use it with --predictions, not --model")
     if args.predictions and not Path(args.predictions).is_file():
         sys.exit(f"--predictions {args.predictions} does not exist")
-    if args.model and args.model != "tiny":
+    if args.model and args.model not in toy.TINY_MODELS:
         path = Path(args.model).expanduser()
         first = Path(args.model.split("/")[0])
         local = args.model.startswith((".", "/", "~")) or args.model.count("/") != 1 or first.is_dir()

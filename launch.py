@@ -82,7 +82,7 @@ def load_model(args, name, device):
 def check_inputs(args):
     """Mistakes a person can fix, found before any model is loaded or out_dir is touched."""
     name = args.model
-    if name != "tiny" and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if name not in toy.TINY_MODELS and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise SystemExit(f"error: model directory {name!r} does not exist (a hub id looks like 'Qwen/Qwen2-VL-2B-Instruct')")
     if args.data != "toy" and not os.path.isfile(args.data):
         raise SystemExit(f"error: data file {args.data!r} not found")

@@ -12,14 +12,18 @@ processor directly, the same way it makes them.
 """
 import importlib.util
 import inspect
+import json
 import os
 
 import torch
+import transformers
 from torch.distributed.tensor import DTensor
-from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-MIN_PIXELS, MAX_PIXELS = 3136, 400_000     # the paper's image limits (≈510 visual tokens at most)
+# The paper's image limits, 3,136 to 400,000 pixels for Qwen2-VL, as visual tokens (one merged token per
+# (patch x merge)^2 pixels: 28 x 28 for Qwen2/2.5-VL, 32 x 32 for Qwen3-VL/3.5), so every family sees an
+# image as the same number of tokens: 4 to 510.
+MIN_TOKENS, MAX_TOKENS = 4, 510
 MAX_PROMPT_LEN = 1024                      # longer prompts are skipped, never cut into image tokens
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
@@ -36,13 +40,15 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 # ----------------------------------------------------------------------------- loading
 
 def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pixels=None, max_pixels=None):
-    """Return (model, tokenizer, image_processor) for a hub id, a local directory or "tiny".
+    """Return (model, tokenizer, image_processor) for a hub id, a local directory or a tiny model ("tiny",
+    "tiny-qwen3-vl", ...: toy.TINY_MODELS).
 
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
     when it is installed, a GPU is present and the weights are half precision. One pixel range is
     set on the image processor and used everywhere (rollout, scoring, evaluation), so the number of
-    image tokens never differs: the paper's [MIN_PIXELS, MAX_PIXELS] unless given (toy.py's for "tiny").
+    image tokens never differs: [MIN_TOKENS, MAX_TOKENS] visual tokens unless pixels are given.
     """
+    import toy   # the embedded default; toy.py builds on this module, so it is imported on demand
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -51,54 +57,103 @@ def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pix
     if attn_implementation is None:
         fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if fa2 and dtype != torch.float32 else "sdpa"
-    if name == "tiny":
-        import toy   # the embedded default; toy.py builds on this module, so it is imported on demand
-        model, tokenizer, image_processor = toy.load_tiny()
+    if name in toy.TINY_MODELS:
+        model, tokenizer, image_processor = toy.load_tiny(family=toy.TINY_MODELS[name])
         model = model.to(dtype)
     else:
         if not os.path.isdir(name) and (name.startswith(".") or name.startswith("/")):
             raise FileNotFoundError(f"model directory {name!r} does not exist")
         tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer.chat_template = tokenizer.chat_template or processor_chat_template(name)
         image_processor = AutoImageProcessor.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
-    if min_pixels or max_pixels or name != "tiny":
-        set_pixel_range(image_processor, min_pixels or MIN_PIXELS, max_pixels or MAX_PIXELS)
+        set_pixel_range(image_processor, MIN_TOKENS, MAX_TOKENS)
+    if min_pixels or max_pixels:   # pixels given by the user win
+        size = image_processor.size
+        image_processor.size = {"shortest_edge": min_pixels or size["shortest_edge"], "longest_edge": max_pixels or size["longest_edge"]}
     tokenizer.padding_side = "left"
     model.config.use_cache = True
     return model.to(device), tokenizer, image_processor
 
 
-def set_pixel_range(image_processor, min_pixels, max_pixels):
-    """The image processor resizes every image into [min_pixels, max_pixels] (keeping aspect)."""
-    image_processor.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+def processor_chat_template(name):
+    """The chat template a checkpoint keeps for its processor (chat_template.jinja or .json) when its
+    tokenizer has none; Qwen2-VL's format (CHAT_TEMPLATE) when it has neither."""
+    for file in ("chat_template.jinja", "chat_template.json"):
+        path = transformers.utils.cached_file(name, file, _raise_exceptions_for_missing_entries=False)
+        if path:
+            text = open(path).read()
+            return json.loads(text)["chat_template"] if file.endswith(".json") else text
+    return CHAT_TEMPLATE
 
 
-def random_init(tokenizer, image_processor, seed=0, text_layers=28, hidden=1536, heads=12, kv_heads=2, mlp=8960,
-                vision_depth=32, vision_dim=1280, vision_heads=16, vision_mlp_ratio=4, rope_theta=1e6, model_vocab=None):
-    """A Qwen2-VL of the given size with random weights (deterministic for a seed); the defaults are
-    Qwen2-VL-2B's published architecture. `model_vocab` None: the tokenizer's size. It saves with
+def set_pixel_range(image_processor, min_tokens, max_tokens):
+    """The image processor resizes every image to [min_tokens, max_tokens] merged visual tokens (keeping
+    aspect); in pixels that is tokens x (patch x merge)^2, which depends on the family's patch size."""
+    unit = (image_processor.patch_size * image_processor.merge_size) ** 2
+    image_processor.size = {"shortest_edge": round(min_tokens * unit), "longest_edge": round(max_tokens * unit)}
+
+
+# Families the code is tested with (tiny random configs on CPU); their text decoders share one layout
+# apart from the marked differences, and all use the same vision special tokens and 3-D M-RoPE.
+FAMILIES = {
+    "qwen2_vl": "Qwen2-VL",        # the paper's model; ViT patch 14
+    "qwen2_5_vl": "Qwen2.5-VL",    # windowed ViT, patch 14
+    "qwen3_vl": "Qwen3-VL",        # patch 16, q/k RMS-norm, interleaved M-RoPE, deepstack visual features
+    "qwen3_5": "Qwen3.5",          # patch 16, hybrid decoder: linear-attention (gated delta) + gated attention layers
+}
+
+
+def family(model):
+    """The FAMILIES key of a model (its config's model_type)."""
+    return model.config.model_type
+
+
+def random_init(tokenizer, image_processor, seed=0, family="qwen2_vl", text_layers=28, hidden=1536, heads=12,
+                kv_heads=2, mlp=8960, vision_depth=32, vision_dim=1280, vision_heads=16, vision_mlp_ratio=4,
+                rope_theta=1e6, model_vocab=None):
+    """A model of `family` and the given size with random weights (deterministic for a seed); the defaults
+    are Qwen2-VL-2B's published architecture. `model_vocab` None: the tokenizer's size. It saves with
     `save_pretrained` into a directory that plain transformers loads back."""
+    if family not in FAMILIES:
+        raise ValueError(f"model family {family!r}: expected one of {sorted(FAMILIES)}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS + STOP_TOKENS}
     head_dim = hidden // heads
-    quarter = head_dim // 2 // 4           # M-RoPE splits the rotary half into (t, h, w) = 1/4, 3/8, 3/8
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=model_vocab or len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
-                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
-                                          "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
-                                                            (head_dim // 2 - quarter) // 2]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
-                           mlp_ratio=vision_mlp_ratio, patch_size=image_processor.patch_size,
-                           spatial_merge_size=image_processor.merge_size, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+    half = head_dim // 2 if family != "qwen3_5" else head_dim // 8   # Qwen3.5 rotates a quarter of each head
+    quarter = half // 4                        # M-RoPE splits the rotary half into (t, h, w) ≈ 1/4, 3/8, 3/8
+    sections = [half - 2 * ((half - quarter) // 2), (half - quarter) // 2, (half - quarter) // 2]
+    text = dict(vocab_size=model_vocab or len(tokenizer), hidden_size=hidden, intermediate_size=mlp,
+                num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=32768, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": sections})
+    vision = dict(depth=vision_depth, num_heads=vision_heads, patch_size=image_processor.patch_size,
+                  spatial_merge_size=image_processor.merge_size, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=vision_dim, hidden_size=hidden, mlp_ratio=vision_mlp_ratio)
+    else:
+        vision.update(hidden_size=vision_dim, intermediate_size=vision_dim * vision_mlp_ratio, out_hidden_size=hidden)
+    if family == "qwen2_5_vl":
+        vision.update(window_size=4 * image_processor.patch_size * image_processor.merge_size,
+                      fullatt_block_indexes=[vision_depth - 1])
+    if family in ("qwen3_vl", "qwen3_5"):
+        text.update(head_dim=head_dim)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(num_position_embeddings=256)
+    if family == "qwen3_vl":
+        vision.update(deepstack_visual_indexes=list(range(min(3, vision_depth))))
+    if family == "qwen3_5":   # one gated-attention layer after every three linear-attention ones, as released
+        text["rope_parameters"]["partial_rotary_factor"] = 0.25
+        text.update(layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(text_layers)],
+                    linear_num_key_heads=heads // 2, linear_num_value_heads=heads, linear_key_head_dim=head_dim,
+                    linear_value_head_dim=head_dim)
+    config = transformers.AutoConfig.for_model(
+        family, text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+        model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
@@ -116,16 +171,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-# Fixed text of every toy prompt and response (the tiny tokenizer's phrase tokens; real tokenizers spell them out).
-
 # ----------------------------------------------------------------------------- inputs
 
-def prompt_text(question, style="r1vl", image=True):
-    """The full chat prompt for one question: default system turn, user turn (image first), assistant header."""
+def prompt_text(tokenizer, question, style="r1vl", image=True):
+    """The chat prompt for one question, from the model's own chat template: one user turn (the image, then
+    the instruction) and the assistant header. Templates with a thinking switch (Qwen3.5) get it off: the
+    R1-VL reply is the reasoning, so no <think> block is opened (rewards.visible_reply drops one anyway)."""
     instruction = {"r1vl": R1VL_INSTRUCTION, "plain": PLAIN_INSTRUCTION}[style].format(question=question)
-    vision = "<|vision_start|><|image_pad|><|vision_end|>" if image else ""
-    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{vision}{instruction}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": instruction}]
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
 
 
 def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", max_prompt_len=MAX_PROMPT_LEN,
@@ -139,7 +194,7 @@ def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", ma
     images in batch order), image_grid_thw (one row per image; a row without image has none), kept.
     """
     merge = image_processor.merge_size
-    texts = prompts or [prompt_text(q, style, image=im is not None) for im, q in zip(images, questions)]
+    texts = prompts or [prompt_text(tokenizer, q, style, image=im is not None) for im, q in zip(images, questions)]
     with_image = [i for i, im in enumerate(images) if im is not None]
     pixel_values = grid = None
     if with_image:

@@ -6,6 +6,8 @@ rewards.py lists where the paper's equations (our default) differ. `train.py --r
 trains with these.
 
     reward(completion, sample, kind="step")   # the same dict as rewards.reward
+
+One addition: a think block (rewards.visible_reply) is removed first; the released code never met one.
 """
 import json
 import re
@@ -13,7 +15,7 @@ import threading
 
 from math_verify import parse, verify
 
-from rewards import ALPHA, KINDS, combine, validate_key_steps
+from rewards import ALPHA, KINDS, combine, validate_key_steps, visible_reply
 
 _OFFICIAL_HEADERS = ("### Image Description:", "### Rationales:", "### Step 1:", "### The final answer is:")
 _OFFICIAL_STEP = re.compile(r"### Step \d+:\s*(.*?)(?=\n###|\Z)", re.S)   # body: up to the next "\n###"
@@ -98,13 +100,13 @@ def official_validity(text):
 def step_rar(completion, solution, key_steps, alpha=ALPHA):
     """The official accuracy reward: 1 if official_correct else 0, plus α·k with k from
     official_key_steps, also when there is no answer (the official α is 0.1 = ALPHA)."""
-    text = completion if isinstance(completion, str) else ""
+    text = visible_reply(completion) if isinstance(completion, str) else ""
     return float(official_correct(text, solution)) + alpha * official_key_steps(text, key_steps)[0]
 
 
 def step_rvr(completion):
     """The official validity reward (official_validity)."""
-    return official_validity(completion if isinstance(completion, str) else "")
+    return official_validity(visible_reply(completion) if isinstance(completion, str) else "")
 
 
 def reward(completion, sample, kind="step", alpha=ALPHA):
@@ -113,7 +115,7 @@ def reward(completion, sample, kind="step", alpha=ALPHA):
     True without one (math-verify found the number in the steps)."""
     if kind not in KINDS:
         raise ValueError(f"reward kind {kind!r}: expected one of {KINDS}")
-    text, sample = completion if isinstance(completion, str) else "", sample or {}
+    text, sample = visible_reply(completion) if isinstance(completion, str) else "", sample or {}
     correct = official_correct(text, sample.get("solution"))
     k, matched = official_key_steps(text, sample.get("key_steps"))
     answer = official_answer(text) if _OFFICIAL_ANSWER.search(text) else None

@@ -94,6 +94,13 @@ def _clean(ans):
     return None if not ans or ans.startswith("#") else ans
 
 
+def visible_reply(text):
+    """The reply without thinking: the text after the last '</think>' (a think block, or one the chat
+    template opened), cut at a '<think>' that is never closed. Models with a thinking mode (Qwen3.5) may
+    think although the prompt switched it off; the rewards and answer extraction judge only the reply."""
+    return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
+
+
 def extract_answer(text):
     """The final answer of a completion, or None when it gives none.
 
@@ -101,8 +108,9 @@ def extract_answer(text):
     headers count only if their answers agree; differing answers are a hedge, so None. Without a
     header, the last \\boxed{...} or a closing 'The answer is X' is accepted. An empty answer is None.
     """
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not visible_reply(text).strip():
         return None
+    text = visible_reply(text)
     answers = set()
     for m in _ANSWER.finditer(text):
         answers.add(_clean(m.group(1).strip() or _NEXT_LINE.match(text, m.end()).group(1)))
@@ -338,7 +346,8 @@ def match_key_steps(reasoning, key_steps):
 
 # ---------------------------------------------------------------------------- Eq. 2 and Eq. 3
 def _judge(text, solution, key_steps):
-    """(answer, correct, k, matched) of one completion."""
+    """(answer, correct, k, matched) of one completion (its visible reply)."""
+    text = visible_reply(text)
     answer = extract_answer(text)
     return (answer, answer is not None and is_correct(answer, solution)) + match_key_steps(text, key_steps)
 
@@ -355,9 +364,9 @@ def step_rvr(completion):
 
     Complete: one non-empty description, one non-empty rationale, non-empty steps, exactly one
     final-answer header with a non-empty answer. Logical: description, rationale (optional "Let's
-    think step by step."), steps numbered 1..n in order, the answer last.
+    think step by step."), steps numbered 1..n in order, the answer last. Judged on the visible reply.
     """
-    secs = _sections(completion) if isinstance(completion, str) else []
+    secs = _sections(visible_reply(completion)) if isinstance(completion, str) else []
     kinds = [kind for kind, _, _ in secs]
     steps = [i for i, kind in enumerate(kinds) if kind == "step"]
     complete = (kinds.count("desc") == kinds.count("rat") == kinds.count("answer") == 1

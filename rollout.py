@@ -25,7 +25,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
+from model import MAX_PROMPT_LEN, build_inputs, family, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,19 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
 
     was_training = model.training
     model.eval()
-    cache, hidden, next_pos = prefill(model, batch, group, max_new_tokens, keep=compile)
+    static = static_cache_fits(model)
+    if compile and not static:
+        log.warning("%s decodes eagerly with its own cache: no CUDA graph", type(model).__name__)
+    prefill_, step = (prefill, compiled_decode_step() if compile else decode_step) if static else (prefill_own, own_decode_step)
+    cache, hidden, next_pos = prefill_(model, batch, group, max_new_tokens, keep=compile)
     # An FSDP2-sharded policy: the decode step calls the layers' parts, which FSDP's hooks do not
     # see, so the layers' full weights are gathered once here and held until decoding ends.
     sharded = [layer for layer in model.model.language_model.layers if isinstance(layer, FSDPModule)]
     for layer in sharded:
         layer.unshard()
-    step = compiled_decode_step() if compile else decode_step
     first_slot = torch.tensor([batch["input_ids"].shape[1]], device=device)
     head = fp32_head(model)
-    tokens = torch.full((cache.k.shape[1], 1), pad, dtype=torch.long, device=device)
+    tokens = torch.full((next_pos.shape[1], 1), pad, dtype=torch.long, device=device)
     ids = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(n, max_new_tokens, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -177,8 +180,11 @@ def decode_step(model, cache, tokens, positions, slot):
     for i, layer in enumerate(text.layers):
         att = layer.self_attn
         x = layer.input_layernorm(h)
-        q, k, v = (proj(x).view(rows, 1, -1, att.head_dim).transpose(1, 2) for proj in (att.q_proj, att.k_proj, att.v_proj))
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = (proj(x).view(rows, 1, -1, att.head_dim) for proj in (att.q_proj, att.k_proj, att.v_proj))
+        if hasattr(att, "q_norm"):                          # Qwen3-VL: RMS-norm of each head's query and key
+            q, k = att.q_norm(q), att.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
         cache.k[i].index_copy_(2, slot, k.to(cache.k.dtype))
         cache.v[i].index_copy_(2, slot, v.to(cache.v.dtype))
         # Grouped-query attention without repeating K/V: the query heads that share a K/V head
@@ -188,6 +194,41 @@ def decode_step(model, cache, tokens, positions, slot):
         h = h + att.o_proj(o.reshape(rows, 1, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return text.norm(h)[:, 0]
+
+
+def static_cache_fits(model):
+    """Whether decode_step computes this model's text layers: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (plain
+    grouped-query attention). Qwen3.5's hybrid decoder (linear-attention layers with a recurrent state,
+    gated attention) decodes with its own forward and cache: prefill_own / own_decode_step."""
+    return family(model) in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@dataclass
+class ModelCache:
+    """The model's own cache (for Qwen3.5: each linear-attention layer's convolution and recurrent state,
+    each attention layer's keys and values) and the attention mask, one column longer per step."""
+    cache: object
+    mask: torch.Tensor    # [rows, prompt + tokens so far]
+
+
+def prefill_own(model, batch, group, max_new_tokens, keep=False):
+    """prefill for decoders decode_step does not compute: the model's forward fills its own cache, whose
+    rows are then repeated for each prompt's samples (`group`). Same returns as prefill."""
+    positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["mm_token_type_ids"], batch["image_grid_thw"])
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    out.cache.reorder_cache(group)
+    next_pos = (batch["attention_mask"].sum(-1, keepdim=True) + deltas.to(group.device))[group]
+    return ModelCache(out.cache, batch["attention_mask"][group]), out.last_hidden_state[group, -1], next_pos.expand(3, -1, -1)
+
+
+def own_decode_step(model, state, tokens, positions, slot):
+    """decode_step through the model's own text decoder and cache (eager; the mask grows by a column)."""
+    state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], 1)
+    out = model.model.language_model(input_ids=tokens, attention_mask=state.mask, position_ids=positions,
+                                     cache=state.cache, use_cache=True)
+    return out.last_hidden_state[:, -1]
 
 
 @functools.cache

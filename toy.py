@@ -19,7 +19,7 @@ import hashlib
 import random
 
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -31,7 +31,7 @@ from model import CHAT_TEMPLATE, PLAIN_INSTRUCTION, R1VL_INSTRUCTION, SPECIAL_TO
 TINY = dict(text_layers=4, hidden=192, heads=6, kv_heads=3, mlp=384, vision_depth=4, vision_dim=128,
             vision_heads=4, vision_mlp_ratio=2, rope_theta=10000.0)
 VOCAB_SIZE = 1024
-MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64
+MIN_TOKENS, MAX_TOKENS = 4, 64   # visual tokens per image: 2x2 to 8x8 cells
 MAX_NEW_TOKENS = 160   # a toy reasoning path is about 100 tokens
 
 # The toy preset: train.py's defaults with `--data toy` (flags given on the command line still win).
@@ -41,21 +41,45 @@ PRESET = dict(stage="both", sft_steps=600, sft_batch=32, sft_lr=2e-3, teacher_no
               max_new_tokens=MAX_NEW_TOKENS, micro_batch=16, eval_n=500, save_every=50)
 
 
-def load_tiny(seed=0, **arch):
-    """(model, tokenizer, image_processor): the TINY Qwen2-VL with random weights (`arch` overrides it)."""
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    set_pixel_range(image_processor, MIN_PIXELS, MAX_PIXELS)
-    tk = tokenizer()
-    return random_init(tk, image_processor, seed, **{**TINY, **arch}), tk, image_processor
+# The tiny models by name (`--model tiny-qwen3-vl`), one per supported family: the same size and tokenizer.
+TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl", "tiny-qwen3.5": "qwen3_5"}
+
+# Qwen3-VL's and Qwen3.5's chat format: no default system turn; Qwen3.5 thinks unless told not to, and then
+# closes an empty think block in the prompt (the released templates, reduced to what the prompts here use).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if thinking_switch and enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% elif thinking_switch %}<think>\n{% endif %}{% endif %}")
+
+
+def load_tiny(seed=0, family="qwen2_vl", **arch):
+    """(model, tokenizer, image_processor): the TINY model of `family` with random weights (`arch` overrides it).
+    Qwen3-VL and Qwen3.5 see 16-px patches, so their cells are resized to 32 px: one merged token each still."""
+    patch = 14 if family in ("qwen2_vl", "qwen2_5_vl") else 16
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2)
+    set_pixel_range(image_processor, MIN_TOKENS, MAX_TOKENS)
+    tk = tokenizer(qwen_split=family == "qwen3_5")
+    if family != "qwen2_vl" and family != "qwen2_5_vl":
+        tk.chat_template = QWEN3_CHAT_TEMPLATE.replace("thinking_switch", "true" if family == "qwen3_5" else "false")
+    return random_init(tk, image_processor, seed, family, **{**TINY, **arch}), tk, image_processor
 
 
 PHRASES = [SYSTEM, R1VL_INSTRUCTION.split("{question}")[0], "### Image Description:", "### Rationales:",
            "### Let's think step by step.", "### Step", "### The final answer is:", "\n\n"]
 
 
-def tokenizer(vocab_size=VOCAB_SIZE):
+# How Qwen's tokenizers cut text before BPE (digits one by one); transformers rebuilds Qwen3.5's tokenizer
+# with it whatever the saved one says, so the tiny Qwen3.5's tokenizer is trained with it too.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tokenizer(vocab_size=VOCAB_SIZE, qwen_split=False):
     """Byte-level BPE (any text encodes) trained on a small built-in corpus, with Qwen2-VL's special tokens
-    and the toy task's fixed text (PHRASES) as whole tokens."""
+    and the toy task's fixed text (PHRASES) as whole tokens; `qwen_split`: Qwen3.5's pre-tokenizer."""
     words = ("the a of and to is in are how many which what more than fewer most least each total sum "
              "difference cells cell row column grid colour color red green blue yellow white black count "
              "counts there image shows question answer compare number numbers equal plus minus times "
@@ -74,6 +98,10 @@ def tokenizer(vocab_size=VOCAB_SIZE):
                        for a in range(13) for b in range(13)), "A B C D E (A) (B) (C) (D) Yes No yes no", *lines]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen_split:
+        tk.normalizer = normalizers.NFC()
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

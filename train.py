@@ -34,7 +34,8 @@ def parse_args(argv=None):
     to the flags not given on the command line. `--help` shows both."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--model", default="tiny", help="hub id, local directory (start it with ./ or /), or 'tiny'")
+    g.add_argument("--model", default="tiny", help="hub id, local directory (start it with ./ or /), or a tiny model: "
+                   "'tiny' (Qwen2-VL), 'tiny-qwen2.5-vl', 'tiny-qwen3-vl', 'tiny-qwen3.5'")
     g.add_argument("--data", default="toy", help="'toy', or a JSON/JSONL file (R1-VL-10K for RL, Mulberry for SFT)")
     g.add_argument("--image_root", default=None, help="folder the image paths in --data are relative to")
     g.add_argument("--stage", default="rl", choices=["sft", "rl", "both"], help="warm-up, StepGRPO, or one then the other")

@@ -178,10 +178,10 @@ def test_tiny_tokenizer_has_phrase_tokens_and_round_trips(tiny):
     for phrase in T.PHRASES:                             # the fixed text is one token each
         assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
     near = "### Image Descriptions:\n### Step 12: ### The final answer is 7"   # near-misses fall back to BPE
-    for text in (M.prompt_text(s["problem"]), s["solution"], near):
+    for text in (M.prompt_text(tok, s["problem"]), s["solution"], near):
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     # rollouts decode with special tokens dropped: phrase tokens are not special, so they stay
     assert tok.decode(tok(s["solution"])["input_ids"], skip_special_tokens=True) == s["solution"]
     # about half the length a word-level tokenizer gives (prompt ≈ 100 → ≈ 30, response ≈ 90 → ≈ 60)
-    assert len(tok(M.prompt_text(s["problem"]), add_special_tokens=False)["input_ids"]) < 40
+    assert len(tok(M.prompt_text(tok, s["problem"]), add_special_tokens=False)["input_ids"]) < 40
     assert len(tok(s["solution"], add_special_tokens=False)["input_ids"]) < 70
