@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 # The paper's image limits, 3,136 to 400,000 pixels for Qwen2-VL, as visual tokens (one merged token per
 # (patch x merge)^2 pixels: 28 x 28 for Qwen2/2.5-VL, 32 x 32 for Qwen3-VL/3.5), so every family sees an
 # image as the same number of tokens: 4 to 510.
-MIN_TOKENS, MAX_TOKENS = 4, 510
+MIN_TOKENS, MAX_TOKENS = 3136 / 28 ** 2, 400_000 / 28 ** 2
 MAX_PROMPT_LEN = 1024                      # longer prompts are skipped, never cut into image tokens
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
