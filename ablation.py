@@ -17,9 +17,10 @@ by `evaluate.py --bench toy` on the same held-out questions (accuracy, format va
 Regimes (the flags each adds to every run):
     dense   the default task: level 2, a teacher who slips in half of its paths. The warm-up's sampled
             answers are right about half the time, so the outcome reward already separates most groups.
-    sparse  level 4 (five steps: three counts, two sums) and a teacher who always slips: the warm-up's
-            sampled answers are rarely right, so most outcome-reward groups are all-wrong (zero std, no
-            gradient), while its counts are often right, which StepRAR's α·k can tell apart.
+    sparse  level 4 (five steps: three counts, two sums), a teacher who always slips, and RL sampling at the
+            paper's temperature 1.2 (the toy preset samples at 1.0): the warm-up's sampled answers are
+            rarely right, so most outcome-reward groups are all-wrong (zero std, no gradient), while its
+            samples differ in which counts they get right, which StepRAR's α·k can tell apart.
 Before training, `probe` measures that on the warm-up's own samples (step 0): the share of groups with zero
 reward std under each reward kind, sampled accuracy, and the key-step match of the wrong answers.
 During training each run is scored on --curve_n held-out questions every --eval_every steps (train.py
@@ -42,7 +43,7 @@ ARMS = ["outcome", "steprar", "steprvr", "step", "sft"]
 KINDS = ["outcome", "steprar", "steprvr", "step"]
 LABELS = {"warmup": "warm-up only", "outcome": "+ outcome reward (GRPO)", "steprar": "+ StepRAR",
           "steprvr": "+ StepRVR", "step": "+ StepRAR + StepRVR (StepGRPO)", "sft": "+ continued SFT (control)"}
-REGIMES = {"dense": [], "sparse": ["--difficulty", "4", "--teacher_noise", "1.0"]}
+REGIMES = {"dense": [], "sparse": ["--difficulty", "4", "--teacher_noise", "1.0", "--temperature", "1.2"]}
 
 
 def run(cmd, log):

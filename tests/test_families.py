@@ -128,6 +128,19 @@ def test_each_family_takes_its_decoder(tiny, monkeypatch, caplog):
     assert torch.allclose(ro.logprobs, again.logprobs, atol=1e-4)
 
 
+def test_the_sampling_copy_is_the_policy(tiny):
+    """model.inference_copy rebuilds any family from its config (Qwen3.5's linear-attention parameters too):
+    in fp32 it samples exactly what the policy samples; in bf16 it holds the policy's weights cast."""
+    policy, tok, ip = tiny
+    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=12, seeds=[3, 4])
+    a = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw)
+    b = R.generate(M.inference_copy(policy, torch.float32), tok, ip, IMAGES, QUESTIONS, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    half = M.inference_copy(policy, torch.bfloat16)
+    assert all(torch.equal(q, policy.get_parameter(name).to(q.dtype)) for name, q in half.named_parameters())
+    assert {q.dtype for q in half.parameters()} == {torch.bfloat16, torch.float32}
+
+
 def test_save_load_round_trip(tiny, tmp_path):
     policy, tok, ip = tiny
     for part in tiny:
@@ -157,10 +170,8 @@ def test_reasoning_in_a_think_block_is_never_rewarded():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_step_warm_up_and_stepgrpo_run(name, tmp_path):
-    """train.py end to end; Qwen3.5 under bf16 autocast, so it also samples from the bf16 inference copy."""
-    bf16 = ["--dtype", "bf16"] if name == "tiny-qwen3.5" else []
     T.main(["--model", name, "--data", "toy", "--out_dir", str(tmp_path), "--sft_steps", "2", "--sft_batch", "4",
-            "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "24", "--eval_n", "0", *bf16])
+            "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "24", "--eval_n", "0"])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["stage"] for r in rows].count("sft") == 2 and [r["stage"] for r in rows].count("rl") == 2
     assert all(r["loss"] == r["loss"] for r in rows)        # finite: no NaN
