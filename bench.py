@@ -15,7 +15,10 @@ backward, AdamW step, refresh of the sampler's weights), timed phase by phase. A
 fast paths against their plain alternatives (one prefill per prompt vs one per sample; chunked
 completion-only log-probs vs one full-vocabulary block), and with --decode_table the time per decode
 step by batch rows and completion length (flat in length: a static KV cache). On CUDA the decode
-figures are also given as a fraction of the memory-bandwidth roofline, and the update as MFU.
+figures are also given as a fraction of the memory-bandwidth roofline, and the update as MFU. The
+table compares generations of different lengths, whose caches differ in size (a step attends over its
+whole cache); a second table times single steps early and late in one long generation, where only the
+position differs.
 """
 import argparse, json, os, resource, statistics, time
 
@@ -42,7 +45,7 @@ def parse_args():
     p.add_argument("--gradient_checkpointing", action="store_true", help="as train.py's flag")
     p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
                    help="also time decoding per step, ROWS:LENGTHS")
-    p.add_argument("--compile", action="store_true", help="decode table: compiled decode step (CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="decode with CUDA graphs, in the step and the tables")
     p.add_argument("--out_dir", default="out/bench", help="the run's folder; the random 2B model is saved here once")
     return p.parse_args()
 
@@ -151,6 +154,35 @@ def decode_table(run, rows_list, lengths, compile=False):
     return table
 
 
+def position_profile(run, rows, length, window=64, compile=False):
+    """ms per decode step at the start and at the end of one `length`-token generation (the first and the
+    last `window` steps, timed one by one): a static cache makes them equal, however the step's cost
+    compares with that of a shorter generation, whose cache is shorter."""
+    s, sync = samples(1, (112, 112))[0], (torch.cuda.synchronize if run.device.type == "cuda" else lambda: None)
+    times, inner = [], rollout.compiled_decode_step() if compile else rollout.decode_step
+
+    def step(*args):
+        sync()
+        t = time.perf_counter()
+        out = inner(*args)
+        sync()
+        times.append(time.perf_counter() - t)
+        return out
+    patched = ("compiled_decode_step", lambda: step) if compile else ("decode_step", step)
+    original = getattr(rollout, patched[0])
+    setattr(rollout, patched[0], patched[1])
+    try:
+        with run.amp:
+            for _ in range(2):                          # the first run compiles / allocates
+                times.clear()
+                rollout.generate(run.sampler, run.tokenizer, run.image_processor, [s["image"]], [s["problem"]],
+                                 num_samples=rows, max_new_tokens=length, seeds=[0], ignore_eos=True, compile=compile)
+    finally:
+        setattr(rollout, patched[0], original)
+    first, last = (1000 * statistics.median(t) for t in (times[:window], times[-window:]))
+    return dict(rows=rows, tokens=length, ms_first=round(first, 3), ms_last=round(last, 3), last_vs_first=round(last / first, 2))
+
+
 def main():
     args = parse_args()
     w = WORKLOADS[args.workload]
@@ -158,7 +190,7 @@ def main():
     flags = ["--model", model, "--data", "toy", "--stage", "rl", "--out_dir", args.out_dir, "--overwrite", "--eval_n", "0",
              "--max_steps", str(args.steps + 1), "--num_generations", "4", "--beta", "0.04", "--lr", "1e-6",
              *[f"--{k}={v}" for k, v in w.items() if k != "image"],
-             *(["--gradient_checkpointing"] if args.gradient_checkpointing else [])]
+             *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *(["--compile"] if args.compile else [])]
     run = train.setup(train.parse_args(flags))
     run.train_set, run.fixed_length = samples(64, w["image"]), True
     run.reference = train.load_reference(run)
@@ -204,6 +236,13 @@ def main():
         for r in table:
             print(f"{r['rows']:>6}{r['tokens']:>8}{r['ms_per_step']:>10.3f}{r['vs_shortest']:>13.2f}"
                   + (f"{r['roofline_frac']:>10.3f}" if cuda else ""))
+        longest = max(int(n) for n in lengths_spec.split(","))
+        out["decode_positions"] = profile = [position_profile(run, int(r), longest, compile=args.compile)
+                                             for r in rows_spec.split(",")]
+        print(f"within one {longest}-token generation: ms per step over the first and the last 64 steps")
+        print(f"{'rows':>6}{'first':>10}{'last':>10}{'last/first':>12}")
+        for r in profile:
+            print(f"{r['rows']:>6}{r['ms_first']:>10.3f}{r['ms_last']:>10.3f}{r['last_vs_first']:>12.2f}")
     print(json.dumps(out))
 
 

@@ -64,6 +64,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -216,7 +217,7 @@ def generate_batch(chunk, preds, args, out_path, counts, policy, tokenizer, imag
     questions = [r["problem"] if args.bench == "toy" else benchmarks.question_text(r, args.prompt) for r in batch]
     try:
         ro = rollout.generate(policy, tokenizer, image_processor, images, questions, num_samples=1, greedy=True,
-                              max_new_tokens=args.max_new_tokens, style=args.prompt,
+                              max_new_tokens=args.max_new_tokens, style=args.prompt, compile=args.compile,
                               **({"max_prompt_len": args.max_prompt_len} if args.max_prompt_len else {}))
     except (RuntimeError, ValueError) as e:           # e.g. out of memory: keep what is done, report the batch
         counts["generation_errors"] += len(batch)
@@ -306,6 +307,7 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, help=f"generation budget (default {BENCH_MAX_NEW_TOKENS}, the "
                    f"paper's; toy: {TOY_MAX_NEW_TOKENS}, as in training)")
     p.add_argument("--batch_size", type=int, default=8, help="records per generation batch")
+    p.add_argument("--compile", action="store_true", help="decode with CUDA graphs (rollout.py; CUDA only)")
     p.add_argument("--min_pixels", type=int, help="image pixel range (default: model.py's, as in training); "
                    "VLMEvalKit's Qwen2-VL runs used 1003520 to 12845056")
     p.add_argument("--max_pixels", type=int, help="upper end of the pixel range (default: model.py's)")
@@ -324,6 +326,8 @@ def check_inputs(args):
         sys.exit("--extracted scores saved answers: use it with --predictions, not --model")
     if args.predictions and not Path(args.predictions).is_file():
         sys.exit(f"--predictions {args.predictions} does not exist")
+    if args.compile and not torch.cuda.is_available():
+        sys.exit("--compile captures the decode step as CUDA graphs: it needs a CUDA device")
     if args.model and args.model not in toy.TINY_MODELS:
         path = Path(args.model).expanduser()
         first = Path(args.model.split("/")[0])

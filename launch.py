@@ -107,6 +107,8 @@ def setup(args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     ddp, rank, world, device = parallel.setup()
+    if args.compile and device.type != "cuda":
+        raise SystemExit("error: --compile captures the decode step as CUDA graphs: it needs a CUDA device")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     policy, tokenizer, image_processor = load_model(args, args.model, device)
@@ -136,4 +138,5 @@ def open_images(run, samples):
 def generate(run, samples, images, **kw):
     with run.amp:
         return rollout.generate(run.sampler, run.tokenizer, run.image_processor, images, [s["problem"] for s in samples],
-                                max_new_tokens=run.args.max_new_tokens, max_prompt_len=run.args.max_prompt_len, **kw)
+                                max_new_tokens=run.args.max_new_tokens, max_prompt_len=run.args.max_prompt_len,
+                                compile=run.args.compile, **kw)

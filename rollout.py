@@ -96,7 +96,7 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     model.eval()
     static = static_cache_fits(model)
     if compile and not static:
-        log.warning("%s decodes eagerly with its own cache: no CUDA graph", type(model).__name__)
+        warn_once(f"{type(model).__name__} decodes eagerly with its own cache: no CUDA graph")
     prefill_, step = (prefill, compiled_decode_step() if compile else decode_step) if static else (prefill_own, own_decode_step)
     cache, hidden, next_pos = prefill_(model, batch, group, max_new_tokens, keep=compile)
     # An FSDP2-sharded policy: the decode step calls the layers' parts, which FSDP's hooks do not
@@ -229,6 +229,11 @@ def own_decode_step(model, state, tokens, positions, slot):
     out = model.model.language_model(input_ids=tokens, attention_mask=state.mask, position_ids=positions,
                                      cache=state.cache, use_cache=True)
     return out.last_hidden_state[:, -1]
+
+
+@functools.cache
+def warn_once(message):
+    log.warning(message)
 
 
 @functools.cache

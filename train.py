@@ -47,6 +47,7 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
     g.add_argument("--fsdp", action="store_true", help="shard blocks, gradients and optimizer state over ranks (FSDP2)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--compile", action="store_true", help="decode with CUDA graphs (rollout.py; CUDA only)")
     g.add_argument("--wandb", default=None, help="wandb project name (needs `pip install wandb`)")
     g = p.add_argument_group("StepGRPO")
     g.add_argument("--max_steps", type=int, default=1000, help="RL steps (optimizer updates)")

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import benchmarks as bm
@@ -482,7 +483,9 @@ def test_a_line_cut_short_does_not_swallow_the_next_prediction(tmp_path):
     (["--bench", "mme", "--predictions", "p.jsonl"], "does not exist"),
     (["--bench", "mme", "--model", "tiny"], "--data is required"),
     (["--bench", "mme", "--model", "tiny", "--data", "nope.tsv"], "does not exist"),
-    (["--bench", "toy", "--model", "tiny", "--extracted"], "use it with --predictions")])
+    (["--bench", "toy", "--model", "tiny", "--extracted"], "use it with --predictions"),
+    pytest.param(["--bench", "toy", "--model", "tiny", "--compile"], "needs a CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs are available"))])
 def test_bad_input_exits_with_one_line_before_any_model_loads(argv, message, monkeypatch):
     monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit, match=message):

@@ -250,6 +250,13 @@ def test_user_mistakes_stop_with_one_line_before_anything_is_written(tmp_path, f
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs are available")
+def test_compile_without_cuda_stops_with_one_line(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        T.main(["--out_dir", str(tmp_path / "out"), "--compile"])
+    assert "needs a CUDA device" in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_rl_stage_on_an_sft_file_suggests_the_sft_stage(tmp_path):
     from PIL import Image
     Image.new("RGB", (28, 28), "red").save(tmp_path / "a.png")
