@@ -1,12 +1,12 @@
-"""model.py: load Qwen2-VL, build its inputs, and score completions.
+"""model.py: load Qwen2-VL (or Qwen2.5-VL, Qwen3-VL, Qwen3.5: FAMILIES), build its inputs, and score completions.
 
     policy, tokenizer, image_processor = load("Qwen/Qwen2-VL-2B-Instruct")   # or a local dir, or "tiny"
     batch = build_inputs(tokenizer, image_processor, [image], ["What is 2+3?"])
     logp = completion_logprobs(policy, batch, completion_ids, temperature=1.0)
 
-Everything the RL step needs from the model lives here: the prompt (the R1-VL section format),
-the image-token expansion, the 3-D M-RoPE positions, the per-token log-probs of completion tokens,
-and the low-precision copy of the policy that samples them. `Qwen2VLProcessor` is not used (it
+Everything the RL step needs from the model lives here: the prompt (the R1-VL instruction in the
+model's own chat template), the image-token expansion, the 3-D M-RoPE positions, the per-token
+log-probs of completion tokens, and the low-precision copy of the policy that samples them. `Qwen2VLProcessor` is not used (it
 cannot be built without torchvision), so inputs are made from the tokenizer and the image
 processor directly, the same way it makes them.
 """

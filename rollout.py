@@ -9,7 +9,9 @@ up front for prompt + max_new_tokens. One fixed-shape step (`decode_step`) then 
 by one token, writing its key and value into the cache in place; nothing grows with the length,
 so a step costs the same at the thousandth token as at the tenth. Rows are padded to a few bucket
 sizes, so `compile=True` (torch.compile "reduce-overhead", i.e. CUDA graphs) needs only a few
-graphs; eager runs the same step on the same shapes.
+graphs; eager runs the same step on the same shapes. Qwen3.5's hybrid decoder (linear-attention
+layers carry a recurrent state, not keys and values) decodes through its own forward and cache instead
+(`prefill_own`, `own_decode_step`): eager, and the same loop around it.
 
 The loop writes out every choice: vision special tokens are suppressed (a sampled `<|image_pad|>`
 would make the next forward look for an image that is not there), positions are the model's 3-D
@@ -94,11 +96,13 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
 
     was_training = model.training
     model.eval()
-    static = static_cache_fits(model)
-    if compile and not static:
-        warn_once(f"{type(model).__name__} decodes eagerly with its own cache: no CUDA graph")
-    prefill_, step = (prefill, compiled_decode_step() if compile else decode_step) if static else (prefill_own, own_decode_step)
-    cache, hidden, next_pos = prefill_(model, batch, group, max_new_tokens, keep=compile)
+    if static_cache_fits(model):          # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+        start, step = prefill, compiled_decode_step() if compile else decode_step
+    else:                                 # Qwen3.5: the model's own forward and cache, eager
+        if compile:
+            warn_once(f"{type(model).__name__} decodes eagerly with its own cache: no CUDA graph")
+        start, step = prefill_own, own_decode_step
+    cache, hidden, next_pos = start(model, batch, group, max_new_tokens, keep=compile)
     # An FSDP2-sharded policy: the decode step calls the layers' parts, which FSDP's hooks do not
     # see, so the layers' full weights are gathered once here and held until decoding ends.
     sharded = [layer for layer in model.model.language_model.layers if isinstance(layer, FSDPModule)]
