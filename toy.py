@@ -44,15 +44,16 @@ PRESET = dict(stage="both", sft_steps=600, sft_batch=32, sft_lr=2e-3, teacher_no
 # The tiny models by name (`--model tiny-qwen3-vl`), one per supported family: the same size and tokenizer.
 TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl", "tiny-qwen3.5": "qwen3_5"}
 
-# Qwen3-VL's and Qwen3.5's chat format: no default system turn; Qwen3.5 thinks unless told not to, and then
-# closes an empty think block in the prompt (the released templates, reduced to what the prompts here use).
-QWEN3_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if thinking_switch and enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
-    "{% elif thinking_switch %}<think>\n{% endif %}{% endif %}")
+# Qwen3-VL's and Qwen3.5's chat formats (the released templates, reduced to what the prompts here use): no
+# default system turn; Qwen3.5 thinks unless told not to, and then closes an empty think block in the prompt.
+_TURNS = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+          "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+          "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}")
+CHAT_TEMPLATES = {
+    "qwen3_vl": _TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "qwen3_5": _TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                        "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}"}
 
 
 def load_tiny(seed=0, family="qwen2_vl", **arch):
@@ -62,8 +63,7 @@ def load_tiny(seed=0, family="qwen2_vl", **arch):
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2)
     set_pixel_range(image_processor, MIN_TOKENS, MAX_TOKENS)
     tk = tokenizer(qwen_split=family == "qwen3_5")
-    if family != "qwen2_vl" and family != "qwen2_5_vl":
-        tk.chat_template = QWEN3_CHAT_TEMPLATE.replace("thinking_switch", "true" if family == "qwen3_5" else "false")
+    tk.chat_template = CHAT_TEMPLATES.get(family, tk.chat_template)    # Qwen2/2.5-VL: model.CHAT_TEMPLATE
     return random_init(tk, image_processor, seed, family, **{**TINY, **arch}), tk, image_processor
 
 
