@@ -6,9 +6,9 @@
 
 Everything the RL step needs from the model lives here: the prompt (the R1-VL instruction in the
 model's own chat template), the image-token expansion, the 3-D M-RoPE positions, the per-token
-log-probs of completion tokens, and the low-precision copy of the policy that samples them. `Qwen2VLProcessor` is not used (it
-cannot be built without torchvision), so inputs are made from the tokenizer and the image
-processor directly, the same way it makes them.
+log-probs of completion tokens, and the low-precision copy of the policy that samples them.
+`Qwen2VLProcessor` is not used (it cannot be built without torchvision), so inputs are made from
+the tokenizer and the image processor directly, the same way it makes them.
 """
 import importlib.util
 import inspect
