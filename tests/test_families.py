@@ -113,7 +113,7 @@ def test_each_family_takes_its_decoder(tiny, monkeypatch, caplog):
     model's own forward and cache decode. Qwen3.5's hybrid cache has no static form here: it always takes
     the model's own path, even when a CUDA graph is asked for (said once in the log)."""
     policy, tok, ip = peaked(tiny)
-    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=16, seeds=[5, 6])
+    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=12, seeds=[5, 6])
     ro = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw)
     if M.family(policy) == "qwen3_5":
         assert not R.static_cache_fits(policy)
@@ -170,8 +170,8 @@ def test_reasoning_in_a_think_block_is_never_rewarded():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_step_warm_up_and_stepgrpo_run(name, tmp_path):
-    T.main(["--model", name, "--data", "toy", "--out_dir", str(tmp_path), "--sft_steps", "2", "--sft_batch", "4",
-            "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "24", "--eval_n", "0"])
+    T.main(["--model", name, "--data", "toy", "--out_dir", str(tmp_path), "--sft_steps", "2", "--sft_batch", "2",
+            "--max_steps", "2", "--prompts_per_step", "2", "--max_new_tokens", "16", "--eval_n", "0"])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["stage"] for r in rows].count("sft") == 2 and [r["stage"] for r in rows].count("rl") == 2
     assert all(r["loss"] == r["loss"] for r in rows)        # finite: no NaN

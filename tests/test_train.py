@@ -204,7 +204,7 @@ def test_gradient_checkpointing_acts_in_the_rl_stage(tmp_path, monkeypatch):
     the memory saved for backward in the update drops accordingly."""
     saved, real = {}, T.update
     for flag in ([], ["--gradient_checkpointing"]):
-        run = make_run(tmp_path / str(len(flag)), "--max_steps", "1", *flag)
+        run = make_run(tmp_path / str(len(flag)), "--max_steps", "1", "--max_new_tokens", "16", *flag)
         run.policy.eval()                                  # as from_pretrained returns it
         total = [0]
 
