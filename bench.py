@@ -25,6 +25,7 @@ import argparse, json, os, resource, statistics, time
 import torch
 from PIL import Image, ImageDraw
 
+import families
 import model as M
 import rollout
 import toy
@@ -56,7 +57,7 @@ def random_2b(out_dir):
     if not os.path.exists(os.path.join(path, "config.json")):
         _, tokenizer, image_processor = toy.load_tiny()   # its tokenizer, with the paper's pixel range
         M.set_pixel_range(image_processor, M.MIN_TOKENS, M.MAX_TOKENS)
-        net = M.random_init(tokenizer, image_processor, model_vocab=151936).to(torch.bfloat16)  # 2B: the defaults
+        net = families.random_init(tokenizer, image_processor, model_vocab=151936).to(torch.bfloat16)  # 2B: the defaults
         for part in (net, tokenizer, image_processor):
             part.save_pretrained(path)
     return path

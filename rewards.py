@@ -95,9 +95,8 @@ def _clean(ans):
 
 
 def visible_reply(text):
-    """The reply without thinking: the text after the last '</think>' (a think block, or one the chat
-    template opened), cut at a '<think>' that is never closed. Models with a thinking mode (Qwen3.5) may
-    think although the prompt switched it off; the rewards and answer extraction judge only the reply."""
+    """The reply without thinking: the text after the last '</think>', cut at a '<think>' never closed.
+    Qwen3.5 may think although the prompt switched it off; rewards and answers judge only the reply."""
     return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
 
 
@@ -108,9 +107,9 @@ def extract_answer(text):
     headers count only if their answers agree; differing answers are a hedge, so None. Without a
     header, the last \\boxed{...} or a closing 'The answer is X' is accepted. An empty answer is None.
     """
-    if not isinstance(text, str) or not visible_reply(text).strip():
+    text = visible_reply(text) if isinstance(text, str) else ""
+    if not text.strip():
         return None
-    text = visible_reply(text)
     answers = set()
     for m in _ANSWER.finditer(text):
         answers.add(_clean(m.group(1).strip() or _NEXT_LINE.match(text, m.end()).group(1)))

@@ -27,7 +27,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from model import MAX_PROMPT_LEN, build_inputs, family, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
+from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def static_cache_fits(model):
     """Whether decode_step computes this model's text layers: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (plain
     grouped-query attention). Qwen3.5's hybrid decoder (linear-attention layers with a recurrent state,
     gated attention) decodes with its own forward and cache: prefill_own / own_decode_step."""
-    return family(model) in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    return model.config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass

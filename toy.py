@@ -12,7 +12,7 @@ credit α·k a signal the final answer lacks. `teacher_noise` makes the warm-up 
 R1-VL warms up on contain mistakes; rewards, key steps and evaluation keep the truth. Imitation
 learns the slips; verifiable rewards can unlearn them.
 
-The model: a real Qwen2-VL architecture with random weights (`model.random_init`), 2.5M parameters,
+The model: a real Qwen2-VL architecture with random weights (`families.random_init`), 2.5M parameters,
 and a byte-level BPE tokenizer trained here on the task's vocabulary, so nothing is downloaded.
 """
 import hashlib
@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import rewards
-from model import CHAT_TEMPLATE, PLAIN_INSTRUCTION, R1VL_INSTRUCTION, SPECIAL_TOKENS, SYSTEM, random_init, set_pixel_range
+from families import random_init
+from model import CHAT_TEMPLATE, PLAIN_INSTRUCTION, R1VL_INSTRUCTION, SPECIAL_TOKENS, SYSTEM, set_pixel_range
 
 # ---------------------------------------------------------------------------- the tiny model
 # Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.

@@ -49,9 +49,9 @@ def test_prompt_comes_from_the_models_own_chat_template(tiny):
     policy, tok, _ = tiny
     text = M.prompt_text(tok, "How many?")
     user = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + M.R1VL_INSTRUCTION.format(question="How many?")
-    if M.family(policy) == "qwen2_5_vl":      # Qwen2-VL's format: a default system turn
+    if policy.config.model_type == "qwen2_5_vl":      # Qwen2-VL's format: a default system turn
         assert text == f"<|im_start|>system\n{M.SYSTEM}<|im_end|>\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    elif M.family(policy) == "qwen3_vl":      # no system turn at all
+    elif policy.config.model_type == "qwen3_vl":      # no system turn at all
         assert text == f"{user}<|im_end|>\n<|im_start|>assistant\n"
     else:                                     # thinking switched off: an empty, closed think block
         assert text == f"{user}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -115,7 +115,7 @@ def test_each_family_takes_its_decoder(tiny, monkeypatch, caplog):
     policy, tok, ip = peaked(tiny)
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=12, seeds=[5, 6])
     ro = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw)
-    if M.family(policy) == "qwen3_5":
+    if policy.config.model_type == "qwen3_5":
         assert not R.static_cache_fits(policy)
         caplog.set_level("WARNING")
         again = R.generate(policy, tok, ip, IMAGES, QUESTIONS, compile=True, **kw)
