@@ -147,10 +147,7 @@ def prefill(model, batch, group, max_new_tokens, keep=False):
 
     Returns (cache, hidden state that predicts each row's first token [n, D], 3-D position of each
     row's first new token [3, rows, 1]: its valid prompt length plus the image's rope delta)."""
-    positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["mm_token_type_ids"], batch["image_grid_thw"])
-    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    out, first_pos = forward_prompts(model, batch)
     n, prompt_len = len(group), batch["input_ids"].shape[1]
     keys = out.cache.layers[0].keys                               # [prompts, kv_heads, prompt_len, head_dim]
     device = keys.device
@@ -165,8 +162,18 @@ def prefill(model, batch, group, max_new_tokens, keep=False):
     cache.valid.fill_(True)                                      # padding rows: anything, their output is dropped
     cache.valid[:n, :prompt_len] = batch["attention_mask"][group].bool()
     next_pos = torch.zeros(shape[1], 1, dtype=torch.long, device=device)
-    next_pos[:n] = (batch["attention_mask"].sum(-1, keepdim=True) + deltas.to(device))[group]
+    next_pos[:n] = first_pos[group]
     return cache, out.last_hidden_state[group, -1], next_pos.expand(3, -1, -1)
+
+
+def forward_prompts(model, batch):
+    """The prompts through the model's own forward (vision tower included) at their 3-D positions, with
+    the model's cache on. Returns (output, position of each prompt's first new token [prompts, 1])."""
+    positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["mm_token_type_ids"], batch["image_grid_thw"])
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    return out, batch["attention_mask"].sum(-1, keepdim=True) + deltas.to(positions.device)
 
 
 def decode_step(model, cache, tokens, positions, slot):
@@ -218,13 +225,9 @@ class ModelCache:
 def prefill_own(model, batch, group, max_new_tokens, keep=False):
     """prefill for decoders decode_step does not compute: the model's forward fills its own cache, whose
     rows are then repeated for each prompt's samples (`group`). Same returns as prefill."""
-    positions, deltas = rope_positions(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["mm_token_type_ids"], batch["image_grid_thw"])
-    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=True)
+    out, first_pos = forward_prompts(model, batch)
     out.cache.reorder_cache(group)
-    next_pos = (batch["attention_mask"].sum(-1, keepdim=True) + deltas.to(group.device))[group]
-    return ModelCache(out.cache, batch["attention_mask"][group]), out.last_hidden_state[group, -1], next_pos.expand(3, -1, -1)
+    return ModelCache(out.cache, batch["attention_mask"][group]), out.last_hidden_state[group, -1], first_pos[group].expand(3, -1, -1)
 
 
 def own_decode_step(model, state, tokens, positions, slot):

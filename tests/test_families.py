@@ -14,19 +14,9 @@ import rewards
 import rollout as R
 import toy
 import train as T
+from test_model import IMAGES, QUESTIONS
 
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"]
-QUESTIONS = ["How many red cells?", "Which colour is in the third cell of the top row?"]
-
-
-def cells(colours, cell):
-    im = Image.new("RGB", (cell * len(colours), cell * 2), "white")
-    for i, c in enumerate(colours):
-        im.paste(c, (i * cell, 0, (i + 1) * cell, cell))
-    return im
-
-
-IMAGES = [cells(["red", "blue"], 28), cells(["green", "yellow", "red", "blue"], 28)]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -84,17 +74,20 @@ def test_sampled_log_probs_match_scoring(tiny):
     assert ro.logprobs[ro.completion_mask.bool()].mean() > -4.0          # peaked (uniform: -log 1024 = -6.9)
 
 
-def test_a_prompts_samples_do_not_depend_on_the_batch(tiny):
-    policy, tok, ip = tiny
-    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=16)
+@pytest.mark.parametrize("name", ["tiny", *FAMILIES])
+def test_a_prompts_samples_do_not_depend_on_the_batch(name):
+    """Seeded per prompt, a group's samples are the same alone or beside another (left-padded) prompt,
+    and so are their scores; Qwen2-VL ("tiny") included."""
+    policy, tok, ip = M.load(name, device="cpu")
+    kw = dict(num_samples=2, temperature=1.3, max_new_tokens=16)
     both = R.generate(policy, tok, ip, IMAGES, QUESTIONS, seeds=[11, 22], **kw)
     alone = R.generate(policy, tok, ip, IMAGES[1:], QUESTIONS[1:], seeds=[22], **kw)
     assert both.texts[2:] == alone.texts
     with torch.no_grad():   # the padded row scores as it does alone
         prompt, ids, mask = both.rows([2])
-        padded = M.completion_logprobs(policy, prompt, ids, 1.0, both.suppress_ids)
+        padded = M.completion_logprobs(policy, prompt, ids, 1.3, both.suppress_ids)
         prompt, ids, _ = alone.rows([0])
-        single = M.completion_logprobs(policy, prompt, ids, 1.0, alone.suppress_ids)
+        single = M.completion_logprobs(policy, prompt, ids, 1.3, alone.suppress_ids)
     assert torch.allclose(padded * mask, single[:, :mask.shape[1]] * mask, atol=1e-5)
 
 
