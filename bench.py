@@ -139,7 +139,7 @@ def decode_table(run, rows_list, lengths, compile=False):
         base = min(timed(lambda: generate(rows, 1))[1] for _ in range(3))
         for length in lengths:
             if compile:
-                generate(rows, length)                    # compiles this (rows, cache length) shape
+                generate(rows, length)                    # compiles this row bucket, records this length
             ro, secs = min((timed(lambda: generate(rows, length)) for _ in range(2)), key=lambda r: r[1])
             step_s = (secs - base) / (length - 1)
             row = dict(rows=rows, tokens=length, ms_per_step=round(1000 * step_s, 3))

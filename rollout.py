@@ -8,8 +8,8 @@ included) and its keys and values are copied into the rows of its M samples in a
 up front for prompt + max_new_tokens. One fixed-shape step (`decode_step`) then advances every row
 by one token, writing its key and value into the cache in place; nothing grows with the length,
 so a step costs the same at the thousandth token as at the tenth. Rows are padded to a few bucket
-sizes, so `compile=True` (torch.compile "reduce-overhead", i.e. CUDA graphs) needs only a few
-graphs; eager runs the same step on the same shapes. Qwen3.5's hybrid decoder (linear-attention
+sizes, so `compile=True` (torch.compile "reduce-overhead", i.e. CUDA graphs) compiles the step once
+per bucket, whatever the cache length; eager runs the same step on the same shapes. Qwen3.5's hybrid decoder (linear-attention
 layers carry a recurrent state, not keys and values) decodes through its own forward and cache instead
 (`prefill_own`, `own_decode_step`): eager, and the same loop around it.
 
@@ -74,8 +74,9 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     `seeds` (one per input) gives each prompt's group its own random stream, so its samples do not
     depend on which other prompts share the batch (or rank); without it the global RNG is used.
     `ignore_eos` generates exactly `max_new_tokens` per completion (fixed workloads for benchmarks).
-    `compile` runs the decode step as a CUDA graph; the first call for each (row bucket, cache
-    length) compiles it, and its cache is kept on the model for the next calls of that shape.
+    `compile` runs the decode step as a CUDA graph; the first call for each row bucket compiles it,
+    the first for each (row bucket, cache length) records its graph, and that cache is kept on the
+    model for the next calls of that shape.
     """
     batch = build_inputs(tokenizer, image_processor, images, questions, style, max_prompt_len, prompts)
     skipped = len(images) - (len(batch["kept"]) if batch else 0)
@@ -245,7 +246,8 @@ def warn_once(message):
 
 @functools.cache
 def compiled_decode_step():
-    """decode_step as CUDA graphs (one per shape: row bucket x cache length)."""
+    """decode_step compiled once per row bucket (the cache length is dynamic: see kv_cache) and replayed
+    as CUDA graphs, one recorded per row bucket x cache length."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
@@ -262,15 +264,18 @@ def padded_rows(n):
 
 
 def kv_cache(model, shape, dtype, device, keep=False):
-    """A KVCache of `shape` (layers, rows, kv_heads, length, head_dim). With `keep` one cache per
-    shape is kept on the model and reused: a captured CUDA graph finds it at the same address."""
+    """A KVCache of `shape` (layers, rows, kv_heads, length, head_dim). With `keep` (compiled decoding)
+    one cache per shape is kept on the model and reused, so a captured CUDA graph finds it at the same
+    address, and its length is marked dynamic: one compiled step serves every cache length (prompts
+    differ in length), with a CUDA graph recorded per length; the row buckets are compiled one by one."""
     caches = model.__dict__.setdefault("_kv_caches", {}) if keep else {}
     if (shape, dtype) not in caches:
         cache = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                         torch.ones(shape[1], shape[3], dtype=torch.bool, device=device),
                         torch.arange(shape[3], device=device))
-        for tensor in vars(cache).values() if keep else []:
+        for tensor, length_dim in zip(vars(cache).values(), (3, 3, 1, 0)) if keep else []:
             torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.maybe_mark_dynamic(tensor, length_dim)
         caches[shape, dtype] = cache
     return caches[shape, dtype]
 

@@ -107,20 +107,23 @@ def test_every_decode_step_has_the_same_shapes(tiny, toy_inputs, monkeypatch):
     assert tokens[0] == k_shape[1] == 16 and k_shape[3] % R.CACHE_ROUND == 0
 
 
-def test_compiled_step_is_one_graph_for_all_steps_and_calls(tiny, toy_inputs, monkeypatch):
-    """The step torch.compile captures (fullgraph: no graph breaks) compiles once for a shape, whatever
-    the step or call, and gives the eager tokens. aot_eager stands in for inductor + CUDA graphs."""
+def test_compiled_step_is_compiled_once_per_row_bucket(tiny, toy_inputs, monkeypatch):
+    """The step torch.compile captures (fullgraph: no graph breaks) compiles once for a row bucket, whatever
+    the step, the call or the cache length (a dynamic dimension), and gives the eager tokens. aot_eager
+    stands in for inductor + CUDA graphs."""
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(R.decode_step, backend=counter, fullgraph=True, dynamic=False)
     monkeypatch.setattr(R, "compiled_decode_step", lambda: step)
-    kw = dict(num_samples=2, temperature=1.3, max_new_tokens=12, seeds=[1, 2, 3, 4], ignore_eos=True)
-    eager = R.generate(*tiny, *toy_inputs, **kw)
-    for _ in range(2):
+    prompt_len = M.build_inputs(*tiny[1:], *toy_inputs)["input_ids"].shape[1]
+    longer = R.CACHE_ROUND - prompt_len + 1                  # one slot past the first cache length
+    for m, new_tokens, compiles in [(2, 12, 1), (2, 12, 1), (2, longer, 1), (1, 12, 2)]:
+        kw = dict(num_samples=m, temperature=1.3, max_new_tokens=new_tokens, seeds=[1, 2, 3, 4], ignore_eos=True)
         compiled = R.generate(*tiny, *toy_inputs, compile=True, **kw)
-        assert torch.equal(compiled.completion_ids, eager.completion_ids)
-    assert counter.frame_count == 1
+        assert torch.equal(compiled.completion_ids, R.generate(*tiny, *toy_inputs, **kw).completion_ids)
+        assert counter.frame_count == compiles
+    assert {R.CACHE_ROUND, 2 * R.CACHE_ROUND} <= {shape[3] for shape, _ in tiny[0]._kv_caches}
 
 
 def test_generation_prints_no_deprecation_warning(tiny, toy_inputs):
