@@ -20,7 +20,7 @@ table compares generations of different lengths, whose caches differ in size (a 
 whole cache); a second table times single steps early and late in one long generation, where only the
 position differs.
 """
-import argparse, json, os, resource, statistics, time
+import argparse, json, os, resource, statistics, sys, time
 
 import torch
 from PIL import Image, ImageDraw
@@ -188,6 +188,7 @@ def position_profile(run, rows, length, window=64, compile=False):
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)   # each table line shows as soon as it is measured
     args = parse_args()
     w = WORKLOADS[args.workload]
     model = random_2b(args.out_dir) if args.model == "qwen2-vl-2b" else args.model

@@ -76,13 +76,14 @@ def test_seeded_samples_equal_the_plain_decoder(ending, toy_inputs):
     assert torch.allclose(ro.logprobs, logps * ro.completion_mask, atol=1e-5)
 
 
-def test_a_prompts_samples_do_not_depend_on_the_other_prompts(tiny, toy_inputs):
+@pytest.mark.parametrize("m", [4, 1])   # 16 rows together, 4 alone; 4 rows together, 1 alone
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts(tiny, toy_inputs, m):
     images, questions = toy_inputs
-    kw = dict(num_samples=4, temperature=1.3, max_new_tokens=24)
-    together = R.generate(*tiny, images, questions, seeds=[10, 11, 12, 13], **kw)       # 16 rows
+    kw = dict(num_samples=m, temperature=1.3, max_new_tokens=24)
+    together = R.generate(*tiny, images, questions, seeds=[10, 11, 12, 13], **kw)
     for i in range(4):
-        alone = R.generate(*tiny, images[i:i + 1], questions[i:i + 1], seeds=[10 + i], **kw)   # 4 rows
-        rows = slice(4 * i, 4 * i + 4)
+        alone = R.generate(*tiny, images[i:i + 1], questions[i:i + 1], seeds=[10 + i], **kw)
+        rows = slice(m * i, m * i + m)
         length = alone.completion_ids.shape[1]
         assert torch.equal(together.completion_ids[rows, :length], alone.completion_ids)
         assert (together.completion_ids[rows, length:] == tiny[1].pad_token_id).all()
