@@ -183,8 +183,10 @@ def position_profile(run, rows, length, window=64, compile=False):
     finally:
         setattr(rollout, patched[0], original)
     best = [min(ts) for ts in zip(*runs[1:])]           # each step's fastest of two runs: less machine noise
+    window = max(1, min(window, len(best) // 4))         # short generations: a quarter at each end
     first, last = (1000 * statistics.median(t) for t in (best[:window], best[-window:]))
-    return dict(rows=rows, tokens=length, ms_first=round(first, 3), ms_last=round(last, 3), last_vs_first=round(last / first, 2))
+    return dict(rows=rows, tokens=length, window=window, ms_first=round(first, 3), ms_last=round(last, 3),
+                last_vs_first=round(last / first, 2))
 
 
 def main():
@@ -246,7 +248,8 @@ def main():
         out["decode_positions"] = profile = [position_profile(run, int(r), longest, compile=args.compile)
                                              for r in rows_spec.split(",")] if static else []
         if profile:
-            print(f"within one {longest}-token generation: ms per step over the first and the last 64 steps")
+            print(f"within one {longest}-token generation: ms per step over the first and the last "
+                  f"{profile[0]['window']} steps")
             print(f"{'rows':>6}{'first':>10}{'last':>10}{'last/first':>12}")
         for r in profile:
             print(f"{r['rows']:>6}{r['ms_first']:>10.3f}{r['ms_last']:>10.3f}{r['last_vs_first']:>12.2f}")
