@@ -157,8 +157,8 @@ def decode_table(run, rows_list, lengths, compile=False):
 
 def position_profile(run, rows, length, window=64, compile=False):
     """ms per decode step at the start and at the end of one `length`-token generation (the first and the
-    last `window` steps, timed one by one, fastest of two runs): a static cache makes them equal, however the step's cost
-    compares with that of a shorter generation, whose cache is shorter."""
+    last `window` steps, at most a quarter each, timed one by one, fastest of two runs): a static cache
+    makes them equal, however the step's cost compares with that of a shorter generation's."""
     s, sync = samples(1, (112, 112))[0], (torch.cuda.synchronize if run.device.type == "cuda" else lambda: None)
     times, inner = [], rollout.compiled_decode_step() if compile else rollout.decode_step
 

@@ -1,7 +1,7 @@
 """families.py: the model families the code runs, and a model of any of them with random weights.
 
     net = random_init(tokenizer, image_processor, family="qwen3_vl", text_layers=4, hidden=192, heads=6, kv_heads=3)
-    family(net)     # "qwen3_vl"
+    net.config.model_type   # "qwen3_vl": the FAMILIES key of any loaded model
 
 toy.py builds its tiny models with random_init, and bench.py the Qwen2-VL-2B architecture (the defaults).
 """
@@ -20,11 +20,6 @@ FAMILIES = {
     "qwen3_vl": "Qwen3-VL",        # patch 16, q/k RMS-norm, interleaved M-RoPE, deepstack visual features
     "qwen3_5": "Qwen3.5",          # patch 16, hybrid decoder: linear-attention (gated delta) + gated attention layers
 }
-
-
-def family(model):
-    """The FAMILIES key of a model (its config's model_type)."""
-    return model.config.model_type
 
 
 def random_init(tokenizer, image_processor, seed=0, family="qwen2_vl", text_layers=28, hidden=1536, heads=12,

@@ -9,9 +9,9 @@ up front for prompt + max_new_tokens. One fixed-shape step (`decode_step`) then 
 by one token, writing its key and value into the cache in place; nothing grows with the length,
 so a step costs the same at the thousandth token as at the tenth. Rows are padded to a few bucket
 sizes, so `compile=True` (torch.compile "reduce-overhead", i.e. CUDA graphs) compiles the step once
-per bucket, whatever the cache length; eager runs the same step on the same shapes. Qwen3.5's hybrid decoder (linear-attention
-layers carry a recurrent state, not keys and values) decodes through its own forward and cache instead
-(`prefill_own`, `own_decode_step`): eager, and the same loop around it.
+per bucket, whatever the cache length; eager runs the same step on the same shapes. Qwen3.5's hybrid
+decoder (linear-attention layers carry a recurrent state, not keys and values) decodes through its own
+forward and cache instead (`prefill_own`, `own_decode_step`): eager, and the same loop around it.
 
 The loop writes out every choice: vision special tokens are suppressed (a sampled `<|image_pad|>`
 would make the next forward look for an image that is not there), positions are the model's 3-D
@@ -228,7 +228,8 @@ def prefill_own(model, batch, group, max_new_tokens, keep=False):
     rows are then repeated for each prompt's samples (`group`). Same returns as prefill."""
     out, first_pos = forward_prompts(model, batch)
     out.cache.reorder_cache(group)
-    return ModelCache(out.cache, batch["attention_mask"][group]), out.last_hidden_state[group, -1], first_pos[group].expand(3, -1, -1)
+    state = ModelCache(out.cache, batch["attention_mask"][group])
+    return state, out.last_hidden_state[group, -1], first_pos[group].expand(3, -1, -1)
 
 
 def own_decode_step(model, state, tokens, positions, slot):
@@ -273,7 +274,7 @@ def kv_cache(model, shape, dtype, device, keep=False):
         cache = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                         torch.ones(shape[1], shape[3], dtype=torch.bool, device=device),
                         torch.arange(shape[3], device=device))
-        for tensor, length_dim in zip(vars(cache).values(), (3, 3, 1, 0)) if keep else []:
+        for tensor, length_dim in ((cache.k, 3), (cache.v, 3), (cache.valid, 1), (cache.slots, 0)) if keep else ():
             torch._dynamo.mark_static_address(tensor)
             torch._dynamo.maybe_mark_dynamic(tensor, length_dim)
         caches[shape, dtype] = cache
