@@ -21,29 +21,25 @@ Deliberate differences from the released code:
    one non-empty final answer. The official code checks that four headers exist and that the
    steps are numbered 1..n before the first answer header (or that the text ends with the header).
 3. The answer is the text after '### The final answer is:' (with \\boxed{}, $...$, option letters,
-   numbers and number words, yes/no sentences compared by our rules), then math-verify as
+   numbers and number words, yes/no sentences compared by the rules of answers.py), then math-verify as
    verify(gold, prediction). The official code runs math-verify on the whole completion, as
    verify(prediction, gold) (swapped; math-verify is asymmetric), so a number anywhere in the
    steps can count as the answer; then it compares the strings exactly.
 4. Key-step matching is soft (LaTeX ~ plain forms, number words, typos in long words) but a number
    only matches the same whole number; the official substring search finds "12" inside "120".
 5. Several final-answer headers: invalid for Eq. 3; no answer for Eq. 2 if their answers differ.
-6. Bounded work: step text over MAX_STEP_CHARS earns k = 0, answers over MAX_ANSWER_CHARS are
-   wrong, math-verify only sees short, tame strings and runs under a timeout (main thread).
+6. Bounded work: step text over MAX_STEP_CHARS earns k = 0, answers over answers.MAX_ANSWER_CHARS
+   are wrong, math-verify only sees short, tame strings and runs under a timeout (main thread).
 """
 import json
-import math
 import re
-import threading
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
 from rapidfuzz import fuzz
+
+from answers import NUM_WORDS, extract_answer, is_correct, visible_reply
 
 ALPHA = 0.1                 # α of Eq. 2
 MAX_STEP_CHARS = 12_000     # ~3k tokens, above the 1,024-token rollout budget: only hunting exceeds it
-MAX_ANSWER_CHARS = 500      # no real final answer is longer
-MV_MAX_CHARS = 120          # longer strings never reach sympy
 FUZZY_THRESHOLD = 85        # rapidfuzz ratio (0-100) of a word with a typo: isoceles ~ isosceles (94)
 FUZZY_MIN_LEN = 6           # shorter words ("red", "one"), numbers and symbols must match exactly
 KINDS = ("step", "outcome", "steprar", "steprvr")
@@ -51,9 +47,6 @@ KINDS = ("step", "outcome", "steprar", "steprvr")
 # ---------------------------------------------------------------------------- parsing the format
 _HEADER = re.compile(r"^[ \t]*#{2,4}[ \t]*(image description|rationales?|let'?s think step by step"
                      r"|step[ \t]*(\d{1,6})(?!\d)|the final answer is)[ \t]*[:.]?[ \t]*(.*)$", re.I | re.M)
-_ANSWER = re.compile(r"^[ \t]*#{2,4}[ \t]*the final answer is[ \t]*:?[ \t]*(.*)$", re.I | re.M)
-_ANSWER_IS = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*(.+)", re.I | re.S)
-_NEXT_LINE = re.compile(r"\s*([^\n]*)")
 _KIND = {"ima": "desc", "rat": "rat", "let": "think", "the": "answer"}
 
 
@@ -70,179 +63,7 @@ def step_text(text):
     return "\n".join(body for kind, _, body in _sections(text) if kind == "step")
 
 
-def _boxed(s):
-    """Content of the last \\boxed{...}, nested braces allowed; None if absent or unclosed."""
-    if "\\boxed" not in s or (open_ := s.find("{", s.rfind("\\boxed"))) < 0:
-        return None
-    depth = 0
-    for i in range(open_, len(s)):
-        depth += {"{": 1, "}": -1}.get(s[i], 0)
-        if depth == 0:
-            return s[open_ + 1:i]
-    return None
-
-
-def _clean(ans):
-    """Strip the wrappers around an answer: \\boxed{}, $...$, 'The answer is', a final period."""
-    ans = ans.strip()
-    if len(ans) > MAX_ANSWER_CHARS:  # no regex work on giant strings: an answer, and a wrong one
-        return ans[:MAX_ANSWER_CHARS + 1]
-    if "\\boxed" in ans:
-        ans = _boxed(ans) or ""
-    ans = _ANSWER_IS.sub(r"\1", ans).strip().rstrip(".")
-    ans = re.sub(r"^(\$+|\\\(|\\\[)|(\$+|\\\)|\\\])$", "", ans).strip().rstrip(".").strip()
-    return None if not ans or ans.startswith("#") else ans
-
-
-def visible_reply(text):
-    """The reply without thinking: the text after the last '</think>', cut at a '<think>' never closed.
-    Qwen3.5 may think although the prompt switched it off; rewards and answers judge only the reply."""
-    return text.rsplit("</think>", 1)[-1].split("<think>", 1)[0]
-
-
-def extract_answer(text):
-    """The final answer of a completion, or None when it gives none.
-
-    The answer follows '### The final answer is:' on the same line or the next non-empty line. Several
-    headers count only if their answers agree; differing answers are a hedge, so None. Without a
-    header, the last \\boxed{...} or a closing 'The answer is X' is accepted. An empty answer is None.
-    """
-    text = visible_reply(text) if isinstance(text, str) else ""
-    if not text.strip():
-        return None
-    answers = set()
-    for m in _ANSWER.finditer(text):
-        answers.add(_clean(m.group(1).strip() or _NEXT_LINE.match(text, m.end()).group(1)))
-        if len(answers) > 1:
-            return None
-    if answers:
-        return answers.pop()
-    if "\\boxed" in text:
-        return _clean(_boxed(text) or "")
-    tail = text.strip()[-300:]
-    at = tail.lower().rfind("answer is")
-    return _clean(tail[at:].split("\n")[0]) if at >= 0 else None
-
-
-# ---------------------------------------------------------------------------- answer correctness
-_CHOICE = re.compile(r"^(?i:option|choice)?\s*(?:\(([A-H])\)|([A-H])(?=[.:)]|$))\s*[.:)]?\s*(.*)$", re.S)
-# [x =] [$] 1,000[.5] [/ 4] [%] [up to three unit words, never 'or'/'and'/'to': '5 or 6' is no number]
-_NUMBER = re.compile(r"^(?:[a-z]{1,3}\s*=\s*)?[$€£¥]?\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)"
-                     r"(?:\s*/\s*(\d+(?:\.\d+)?))?\s*(%|percent)?"
-                     r"(\s*(?!(?:or|and|to)\b)[a-z°]+(?:\^?[23]|[²³])?(?:/[a-z]+)?(?:\s+[a-z]+){0,2})?$")
-
-
-def _as_answer(s):
-    if not isinstance(s, str):
-        return None
-    return extract_answer(s) if _ANSWER.search(s) else _clean(s)
-
-
-def _choice(s):
-    """(letter, content) for a multiple-choice answer such as 'B', '(B)', 'B: 8', 'B. 8'; else None."""
-    m = _CHOICE.match(s.upper() if len(s) <= 3 else s)   # 'b', '(b)' and 'b.' too
-    return (m.group(1) or m.group(2), m.group(3).strip()) if m else None
-
-
-def _norm_answer(s):
-    s = re.sub(r"\\(?:text|mathrm|mathbf|textbf)\{([^{}]*)\}", r"\1", s.lower())
-    s = re.sub(r"\^\s*\{?\\circ\}?", "°", s).replace("\\%", "%").replace("\\$", "")
-    s = re.sub(r"\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}", r"\1/\2", s)
-    s = re.sub(r"\\left|\\right|\\[,;!]|\$", "", s)
-    return re.sub(r"\s+", " ", s).strip().strip("\"'").rstrip(".").strip()
-
-
-def _number(s):
-    """Candidate values of a numeric answer (units, separators, fractions, percent), or None."""
-    m = _NUMBER.match(s)
-    if not m:
-        return None
-    num, den = float(m.group(1).replace(",", "")), float(m.group(2) or 1)
-    if not den or not math.isfinite(num / den):   # 1/0 or 400 digits: no comparable value
-        return None
-    return [num / den, num / den / 100] if m.group(3) else [num / den]   # '50%' read as 50 or as 0.5
-
-
-def _mv_safe(s):
-    """Has a digit or LaTeX (sympy reads 'on' as o·n = 'no'); short; no towers, big powers, factorials."""
-    return (len(s) <= MV_MAX_CHARS and re.search(r"[\d\\]", s) is not None
-            and not re.search(r"\^\s*[{(]?\s*-?\d{3}|\^[^^]{0,20}\^|!|binom", s))
-
-
-# Unicode math that latex2sympy does not read: 2√3 -> 2\sqrt{3}, 2π -> 2\pi
-_UNICODE_MATH = [(re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{[^{}]*\})"),
-                  lambda m: "\\sqrt{" + m.group(1).strip("{}") + "}"),
-                 (re.compile(r"π"), lambda m: "\\pi ")]
-
-
-def _latex(s):
-    for pattern, repl in _UNICODE_MATH:
-        s = pattern.sub(repl, s)
-    return s
-
-
-def _math_verify(gold, pred):
-    gold, pred = _latex(gold), _latex(pred)
-    if not (_mv_safe(gold) and _mv_safe(pred)):
-        return False
-    # verify(gold, prediction): math-verify is asymmetric, and the official code swaps the two.
-    # Its timeout is signal.alarm, main thread only; elsewhere _mv_safe is the bound.
-    t = 1 if threading.current_thread() is threading.main_thread() else None
-    try:
-        g, p = (parse("\\boxed{" + s + "}", parsing_timeout=t) for s in (gold, pred))
-        return bool(g and p and verify(g, p, timeout_seconds=t))
-    except (Exception, TimeoutException):
-        return False
-
-
-def _word_number(s):
-    """'eight' -> '8': a whole answer that is a number word (not 'one third', not 'eight apples')."""
-    return str(NUM_WORDS.index(s)) if s in NUM_WORDS else s
-
-
-def _yes_no(s):
-    """'yes' for 'yes, the red bar is taller' (likewise 'no'); None if the rest also says the opposite."""
-    m = re.match(r"(yes|no)\s*[,.;:!]\s*(.*)", s, re.S)
-    if not m:
-        return None
-    opposite = "no" if m.group(1) == "yes" else "yes"
-    return None if re.search(r"\b%s\b" % opposite, m.group(2)) else m.group(1)
-
-
-def _same_value(pred, gold):
-    p, g = _norm_answer(pred), _norm_answer(gold)
-    if p == g or (g in ("yes", "no") and _yes_no(p) == g):
-        return True
-    pn, gn = _number(_word_number(p)), _number(_word_number(g))
-    if pn is not None and gn is not None:
-        # relative tolerance 1e-6: 2 == 2.0 and 1/3 == 0.333333, never 12 == 120
-        return any(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a in pn for b in gn)
-    return _math_verify(gold, pred)
-
-
-def is_correct(prediction, ground_truth):
-    """Whether a predicted answer equals the ground truth (a bare answer or a reference path).
-
-    Option letters compare as letters ('(B)', 'B: 8' vs 'B'), a letter with content also as its
-    content ('B: 8' vs '8'); 'A, B, C, D' is no letter, so wrong. Numbers compare as values (a lone
-    number word too: 'eight' = 8), LaTeX and expressions through math-verify (2√3 read as
-    2\\sqrt{3}), text case-insensitively; a gold 'yes' or 'no' also accepts a sentence that opens
-    with it ('Yes, the red bar is taller.') unless the sentence also says the opposite.
-    """
-    pred, gold = _as_answer(prediction), _as_answer(ground_truth)
-    if not pred or not gold or len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return False
-    pc, gc = _choice(pred), _choice(gold)
-    if pc and gc:
-        return pc[0] == gc[0]
-    if pc or gc:  # a letter on one side only: compare its content, if it has one, with the other side
-        content = (pc or gc)[1]
-        return bool(content) and (_same_value(content, gold) if pc else _same_value(pred, content))
-    return _same_value(pred, gold)
-
-
 # ---------------------------------------------------------------------------- key steps
-NUM_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 _TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]")
 _MATCH_SUBS = [(re.compile(p), r) for p, r in [
     (r"\b(?:" + "|".join(NUM_WORDS) + r")\b", lambda m: str(NUM_WORDS.index(m.group()))),
