@@ -25,10 +25,10 @@ import argparse, json, os, resource, statistics, sys, time
 import torch
 from PIL import Image, ImageDraw
 
-import families
+from qwen import families, tiny
 import model as M
 import rollout
-import toy
+
 import train
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU, vendor figures
@@ -55,7 +55,7 @@ def random_2b(out_dir):
     """The Qwen2-VL-2B architecture with random weights, saved once in bf16 so train.setup loads it as any model."""
     path = os.path.join(out_dir, "qwen2-vl-2b")
     if not os.path.exists(os.path.join(path, "config.json")):
-        _, tokenizer, image_processor = toy.load_tiny()   # its tokenizer, with the paper's pixel range
+        _, tokenizer, image_processor = tiny.load_tiny()   # its tokenizer, with the paper's pixel range
         M.set_pixel_range(image_processor, M.MIN_TOKENS, M.MAX_TOKENS)
         net = families.random_init(tokenizer, image_processor, model_vocab=151936).to(torch.bfloat16)  # 2B: the defaults
         for part in (net, tokenizer, image_processor):

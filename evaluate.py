@@ -13,7 +13,7 @@ and a re-run with the same --out generates only what is missing. The first line 
 produced it (model, a fingerprint of its weights, prompt, max_new_tokens, data); a run with different
 settings refuses to add to it (use a new --out, or --overwrite). The last line printed is a JSON summary
 (headline number, breakdowns, counts of everything skipped); it is also written to <out stem>.summary.json.
-Per benchmark (loader, scorer, metrics, headline): benchmarks.py; answer rules: scorers.py.
+Per benchmark (loader, scorer, metrics, headline): benchmarks/catalog.py; answer rules: benchmarks/scorers.py.
 
 Record ids, the "id" of a predictions line (a data file's own identifiers):
 | bench | official files | VLMEvalKit TSV | HF parquet |
@@ -36,7 +36,7 @@ no_final_answer); with --prompt plain the whole reply is the answer. Then each b
                  calculate_score.py does. Gaps from raw responses: README and tests/test_evaluate.py.
   mmstar         accuracy (per category, l2 category): the option letter named by the answer.
   mathvision     accuracy (per level, subject): the official rule scorer, reimplemented; its LaTeX numbers are
-                 read as latex2sympy2 reads them (latex_value.py).
+                 read as latex2sympy2 reads them (benchmarks/latex_value.py).
   chartqa        relaxed accuracy (human, augmented, overall): numbers within 5 %, text exact.
   dynamath       average-case and worst-case accuracy (all 10 variants right): the official rules.
   hallusionbench aAcc, fAcc (all questions of a figure right), qAcc (a question right on all its
@@ -69,15 +69,16 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import benchmarks
-import data
 import model
 import rewards
 import rollout
-import toy
+from benchmarks import catalog, scorers
+from qwen import tiny
+from toy import task as toy
+from training import data
 
 log = logging.getLogger("evaluate")
-BENCHES = [*benchmarks.BENCHES, "toy"]
+BENCHES = [*catalog.BENCHES, "toy"]
 BENCH_MAX_NEW_TOKENS = 2048                            # the paper's evaluation budget
 TOY_MAX_NEW_TOKENS = toy.MAX_NEW_TOKENS   # the toy preset's, as in training
 
@@ -194,7 +195,7 @@ def generate(recs, preds, args, out_path, counts):
     log.info("%d of %d records to generate (%d already in %s)", len(todo), len(recs), len(recs) - len(todo), out_path)
     if not todo:
         return
-    policy, tokenizer, image_processor = model.load(args.model, device=args.device, dtype=args.dtype, **pixels)
+    policy, tokenizer, image_processor = model.load(args.model, device=args.device, dtype=args.dtype, build=tiny.builder(args.model), **pixels)
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc=f"{args.bench} generate", unit="rec",
                                        file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), args.batch_size):
@@ -214,7 +215,7 @@ def generate_batch(chunk, preds, args, out_path, counts, policy, tokenizer, imag
             log.warning("%s: skipped, %s", r["id"], e)
     if not batch:
         return
-    questions = [r["problem"] if args.bench == "toy" else benchmarks.question_text(r, args.prompt) for r in batch]
+    questions = [r["problem"] if args.bench == "toy" else catalog.question_text(r, args.prompt) for r in batch]
     try:
         ro = rollout.generate(policy, tokenizer, image_processor, images, questions, num_samples=1, greedy=True,
                               max_new_tokens=args.max_new_tokens, style=args.prompt, compile=args.compile,
@@ -261,9 +262,9 @@ def score(bench, recs, preds, prompt, counts, extracted=False):
             valid.append(rewards.step_rvr(text))
             flags.append(bool(rewards.is_correct(answer, r["answer"])))
         elif bench == "mathvista":
-            flags.append(bool(benchmarks.scorers.score_mathvista(r, answer, extracted=extracted)))
+            flags.append(bool(scorers.score_mathvista(r, answer, extracted=extracted)))
         else:
-            flags.append(bool(benchmarks.BENCHES[bench].score(r, answer)))
+            flags.append(bool(catalog.BENCHES[bench].score(r, answer)))
     return flags, valid
 
 
@@ -273,11 +274,11 @@ def metrics(bench, recs, flags, valid=()):
         n = max(len(flags), 1)
         return {"accuracy": round(sum(flags) / n, 4), "format_valid": round(sum(valid) / n, 4),
                 "correct": sum(flags), "total": len(flags)}
-    return benchmarks.metrics(bench, recs, flags)
+    return catalog.metrics(bench, recs, flags)
 
 
 def headline(bench):
-    return "accuracy" if bench == "toy" else benchmarks.BENCHES[bench].headline
+    return "accuracy" if bench == "toy" else catalog.BENCHES[bench].headline
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -328,7 +329,7 @@ def check_inputs(args):
         sys.exit(f"--predictions {args.predictions} does not exist")
     if args.compile and not torch.cuda.is_available():
         sys.exit("--compile captures the decode step as CUDA graphs: it needs a CUDA device")
-    if args.model and args.model not in toy.TINY_MODELS:
+    if args.model and args.model not in tiny.TINY_MODELS:
         path = Path(args.model).expanduser()
         first = Path(args.model.split("/")[0])
         local = args.model.startswith((".", "/", "~")) or args.model.count("/") != 1 or first.is_dir()
@@ -347,7 +348,7 @@ def load_records(args):
         recs = toy.dataset(split="test", n=args.limit or 200, seed=0, difficulty=args.difficulty)
         return [dict(r, images=[r["image"]]) for r in recs]
     try:
-        return benchmarks.load(args.bench, args.data, args.image_root)
+        return catalog.load(args.bench, args.data, args.image_root)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"cannot read {args.bench} data: {e}")
 

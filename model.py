@@ -1,4 +1,4 @@
-"""model.py: load Qwen2-VL (or Qwen2.5-VL, Qwen3-VL, Qwen3.5: families.py), build its inputs, and score completions.
+"""model.py: load Qwen2-VL (or Qwen2.5-VL, Qwen3-VL, Qwen3.5: qwen/families.py), build its inputs, and score completions.
 
     policy, tokenizer, image_processor = load("Qwen/Qwen2-VL-2B-Instruct")   # or a local dir, or "tiny"
     batch = build_inputs(tokenizer, image_processor, [image], ["What is 2+3?"])
@@ -39,16 +39,15 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 
 # ----------------------------------------------------------------------------- loading
 
-def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pixels=None, max_pixels=None):
-    """Return (model, tokenizer, image_processor) for a hub id, a local directory or a tiny model ("tiny",
-    "tiny-qwen3-vl", ...: toy.TINY_MODELS).
+def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=None, max_pixels=None, build=None):
+    """Return (model, tokenizer, image_processor) for a hub id or a local directory; or, with `build`, for
+    what `build()` returns in place of a checkpoint (the tiny models: `build=qwen.tiny.builder("tiny")`).
 
     bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
     when it is installed, a GPU is present and the weights are half precision. One pixel range is
     set on the image processor and used everywhere (rollout, scoring, evaluation), so the number of
     image tokens never differs: [MIN_TOKENS, MAX_TOKENS] visual tokens unless pixels are given.
     """
-    import toy   # the embedded default; toy.py builds on this module, so it is imported on demand
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -57,8 +56,8 @@ def load(name="tiny", device=None, dtype=None, attn_implementation=None, min_pix
     if attn_implementation is None:
         fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if fa2 and dtype != torch.float32 else "sdpa"
-    if name in toy.TINY_MODELS:
-        model, tokenizer, image_processor = toy.load_tiny(family=toy.TINY_MODELS[name])
+    if build is not None:
+        model, tokenizer, image_processor = build()
         model = model.to(dtype)
     else:
         if not os.path.isdir(name) and (name.startswith(".") or name.startswith("/")):

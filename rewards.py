@@ -11,7 +11,7 @@ by step. / ### Step 1: ... ### Step n: / ### The final answer is: <answer>, one 
     reward   -- r = r_rar + r_rvr ∈ [0, 2.1], plus the paper's Table 2 ablations and the
                 outcome-only GRPO baseline (`kind`).
 
-These follow the paper's equations. official.py reproduces the reward functions of the released
+These follow the paper's equations. grading/official_rewards.py reproduces the reward functions of the released
 code (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py: accuracy_reward and validity_reward), bugs
 included, so the two can be compared (`train.py --reward_impl official`).
 
@@ -21,7 +21,7 @@ Deliberate differences from the released code:
    one non-empty final answer. The official code checks that four headers exist and that the
    steps are numbered 1..n before the first answer header (or that the text ends with the header).
 3. The answer is the text after '### The final answer is:' (with \\boxed{}, $...$, option letters,
-   numbers and number words, yes/no sentences compared by the rules of answers.py), then math-verify as
+   numbers and number words, yes/no sentences compared by the rules of grading/answers.py), then math-verify as
    verify(gold, prediction). The official code runs math-verify on the whole completion, as
    verify(prediction, gold) (swapped; math-verify is asymmetric), so a number anywhere in the
    steps can count as the answer; then it compares the strings exactly.
@@ -36,7 +36,7 @@ import re
 
 from rapidfuzz import fuzz
 
-from answers import NUM_WORDS, extract_answer, is_correct, visible_reply
+from grading.answers import NUM_WORDS, extract_answer, is_correct, visible_reply
 
 ALPHA = 0.1                 # α of Eq. 2
 MAX_STEP_CHARS = 12_000     # ~3k tokens, above the 1,024-token rollout budget: only hunting exceeds it

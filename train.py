@@ -13,7 +13,7 @@ One StepGRPO step is `batch = collect(run, step)` then `update(run, batch, ...)`
    β·k3-KL to the frozen starting model) over micro-batches and one optimizer step. One step per rollout,
    as the official code, so the ratio is 1 and the clip never acts (`--ppo_epochs > 1` makes it act).
 3. Whole groups stay on one rank; the loss is divided by the global count and gradients are summed by an
-   explicit all-reduce (parallel.py), so any number of ranks gives the same update.
+   explicit all-reduce (training/parallel.py), so any number of ranks gives the same update.
 Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run under
 bf16 autocast and rollouts are sampled from a bf16 copy of the weights, refreshed after every step.
 """
@@ -23,9 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoint, data, logs, model as M, official, parallel, rewards, toy
-from launch import generate, load_model, open_images, setup
+import model as M, rewards
 from stepgrpo import group_advantages, policy_loss, sampling_mismatch
+from grading import official_rewards
+from toy import task as toy
+from training import checkpoint, data, logs, parallel
+from training.setup import generate, load_model, open_images, setup
 
 
 # ----------------------------------------------------------------------------- config
@@ -240,7 +243,7 @@ def collect(run, step):
         return Batch(None, [], [], torch.zeros(0), 0.0, timer)
     with timer("reward"):
         answered = [samples[ro.kept[g]] for g in ro.group.tolist()]
-        judge = official.reward if a.reward_impl == "official" else rewards.reward
+        judge = official_rewards.reward if a.reward_impl == "official" else rewards.reward
         rs = [judge(text, s, kind=a.reward, alpha=a.alpha) for text, s in zip(ro.texts, answered)]
         advantages, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), group_size)
     return Batch(ro, answered, rs, advantages.to(run.device), frac_zero, timer)

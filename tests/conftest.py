@@ -11,7 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny():
     """(model, tokenizer, image_processor) of the embedded tiny Qwen2-VL, fp32 on CPU."""
     import model
-    return model.load("tiny", device="cpu")
+    from qwen.tiny import builder
+    return model.load("tiny", device="cpu", build=builder("tiny"))
 
 
 def with_head_bias(tiny, bias):

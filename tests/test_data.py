@@ -5,7 +5,7 @@ import logging
 import pytest
 from PIL import Image
 
-import data
+from training import data
 
 # ---------------------------------------------------------------------------- images
 @pytest.mark.parametrize("mode, fill", [("RGBA", (0, 0, 0, 0)), ("LA", (0, 0)), ("P", 0)])

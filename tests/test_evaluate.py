@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmarks as bm
+from benchmarks import catalog as bm
 import evaluate as ev
-import scorers as sc
-from latex_value import latex_value
+from benchmarks import scorers as sc
+from benchmarks.latex_value import latex_value
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/benchmarks is not beside the repository")

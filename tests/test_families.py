@@ -12,8 +12,9 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 import model as M
 import rewards
 import rollout as R
-import toy
 import train as T
+from qwen import tiny as qwen_tiny
+from toy import task as toy
 from test_model import IMAGES, QUESTIONS
 
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"]
@@ -22,7 +23,7 @@ FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"]
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     torch.manual_seed(0)
-    return M.load(request.param, device="cpu")
+    return M.load(request.param, device="cpu", build=qwen_tiny.builder(request.param))
 
 
 def peaked(tiny, scale=3.0):
@@ -52,9 +53,9 @@ def test_the_pixel_range_is_the_same_visual_token_budget_for_every_family(tiny):
     tokens, so a large image becomes at most MAX_TOKENS tokens whatever the family."""
     _, tok, ip = tiny
     unit = (ip.patch_size * ip.merge_size) ** 2
-    assert ip.size == {"shortest_edge": toy.MIN_TOKENS * unit, "longest_edge": toy.MAX_TOKENS * unit}
+    assert ip.size == {"shortest_edge": qwen_tiny.MIN_TOKENS * unit, "longest_edge": qwen_tiny.MAX_TOKENS * unit}
     batch = M.build_inputs(tok, ip, [Image.new("RGB", (2000, 1500), "red")], ["?"])
-    assert 0.8 * toy.MAX_TOKENS <= int(batch["mm_token_type_ids"].sum()) <= toy.MAX_TOKENS
+    assert 0.8 * qwen_tiny.MAX_TOKENS <= int(batch["mm_token_type_ids"].sum()) <= qwen_tiny.MAX_TOKENS
     probe = type(ip)(patch_size=ip.patch_size, merge_size=ip.merge_size)
     M.set_pixel_range(probe, M.MIN_TOKENS, M.MAX_TOKENS)     # what a checkpoint of the family gets
     assert probe.size["longest_edge"] == round(M.MAX_TOKENS * unit)
@@ -78,7 +79,7 @@ def test_sampled_log_probs_match_scoring(tiny):
 def test_a_prompts_samples_do_not_depend_on_the_batch(name):
     """Seeded per prompt, a group's samples are the same alone or beside another (left-padded) prompt,
     and so are their scores; Qwen2-VL ("tiny") included."""
-    policy, tok, ip = M.load(name, device="cpu")
+    policy, tok, ip = M.load(name, device="cpu", build=qwen_tiny.builder(name))
     kw = dict(num_samples=2, temperature=1.3, max_new_tokens=16)
     both = R.generate(policy, tok, ip, IMAGES, QUESTIONS, seeds=[11, 22], **kw)
     alone = R.generate(policy, tok, ip, IMAGES[1:], QUESTIONS[1:], seeds=[22], **kw)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-import data
+from training import data
 import model as M
 from conftest import with_head_bias
 import rollout as R
@@ -283,12 +283,14 @@ def run_sharded(tmp_path, body):
     script = f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r}); sys.path.insert(0, {os.path.join(root, "tests")!r})
-import model as M, parallel, rollout as R
+import model as M, rollout as R
+from qwen.tiny import builder
+from training import parallel
 from test_model import IMAGES, QUESTIONS, cast_equal
 from torch.distributed.tensor import DTensor
 dist.init_process_group("gloo", init_method="file://{tmp_path}/pg", rank=0, world_size=1)
-plain, tok, ip = M.load("tiny", device="cpu")
-policy = parallel.shard(M.load("tiny", device="cpu")[0])
+plain, tok, ip = M.load("tiny", device="cpu", build=builder("tiny"))
+policy = parallel.shard(M.load("tiny", device="cpu", build=builder("tiny"))[0])
 assert isinstance(policy.get_parameter("model.language_model.layers.0.mlp.up_proj.weight"), DTensor)
 """ + textwrap.dedent(body) + "\ndist.destroy_process_group()\nprint('ok')\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-import official
-from data import key_steps_from_solution
+from grading import official_rewards as official
+from training.data import key_steps_from_solution
 from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, reward, step_rar, step_rvr,
                      validate_key_steps)
 

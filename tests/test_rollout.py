@@ -7,7 +7,7 @@ import torch
 import model as M
 from conftest import with_head_bias
 import rollout as R
-import toy
+from toy import task as toy
 
 
 @pytest.fixture(scope="module")

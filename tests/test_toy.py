@@ -7,7 +7,8 @@ import pytest
 
 import model as M
 import rewards
-import toy as T
+from qwen import tiny as qwen_tiny
+from toy import task as T
 
 LEVELS = sorted(T.LEVELS)
 
@@ -175,7 +176,7 @@ def test_unknown_split_or_difficulty_raises(kwargs):
 def test_tiny_tokenizer_has_phrase_tokens_and_round_trips(tiny):
     tok = tiny[1]
     s = T.dataset("train", n=1)[0]
-    for phrase in T.PHRASES:                             # the fixed text is one token each
+    for phrase in qwen_tiny.PHRASES:                             # the fixed text is one token each
         assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
     near = "### Image Descriptions:\n### Step 12: ### The final answer is 7"   # near-misses fall back to BPE
     for text in (M.prompt_text(tok, s["problem"]), s["solution"], near):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from training import checkpoint
 import model as M
 import rollout as R
 import train as T
@@ -128,10 +128,10 @@ def test_default_run_in_miniature(tmp_path):
 
 
 def test_ablation_runs_every_arm_from_one_warmup(warm, tmp_path):
-    """ablation.py end to end at one step per arm: every arm trains from the given warm-up, is scored
+    """scripts/ablation.py end to end at one step per arm: every arm trains from the given warm-up, is scored
     on the same held-out questions, and lands in results.json and the chart."""
     ablation = lambda *flags: subprocess.run(
-        [sys.executable, os.path.join(ROOT, "ablation.py"), "--warmup", str(warm / "final"), "--seeds", "0",
+        [sys.executable, "-m", "scripts.ablation", "--warmup", str(warm / "final"), "--seeds", "0",
          "--eval_n", "4", "--max_new_tokens", "32", "--jobs", "2", "--out_dir", str(tmp_path), "--regime", "sparse",
          "--eval_every", "1", "--curve_n", "2", "--probe_n", "2", *flags], capture_output=True, text=True, cwd=ROOT,
         timeout=600)
@@ -232,7 +232,7 @@ def test_help_shows_the_paper_default_and_the_toy_preset(capsys):
         T.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 1e-06)" in text and "[toy: 5e-05]" in text           # --lr
-    assert all(T.parse_args([]).__dict__[k] == v for k, v in __import__("toy").PRESET.items())
+    assert all(T.parse_args([]).__dict__[k] == v for k, v in __import__("toy.task").task.PRESET.items())
     assert T.parse_args(["--lr", "3e-4"]).lr == 3e-4                       # the command line wins
 
 
@@ -295,7 +295,8 @@ def torchrun(script, *args, nproc=2):
 FSDP_PROBE = """
 import json, sys, torch
 from torch.distributed.tensor import DTensor
-import model as M, parallel, train as T
+import model as M, train as T
+from training import parallel
 run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--stage", "rl", "--data", "toy", "--fsdp", "--prompts_per_step", "1",
                             "--num_generations", "2", "--max_new_tokens", "8", "--micro_batch", "2", "--eval_n", "0"]))
 run.reference = T.load_reference(run)

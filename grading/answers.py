@@ -1,4 +1,4 @@
-"""answers.py: the final answer of a completion, and whether it equals the ground truth.
+"""grading/answers.py: the final answer of a completion, and whether it equals the ground truth.
 
     extract_answer("... ### The final answer is: \\boxed{8}")   # "8"
     is_correct("B: 8", "8")                                     # True

@@ -1,4 +1,4 @@
-"""checkpoint.py: save and restore training state so that `--resume` continues exactly.
+"""training/checkpoint.py: save and restore training state so that `--resume` continues exactly.
 
 A checkpoint is one file, `out_dir/checkpoint/ckpt.pt`: weights, optimizer, scheduler, stage and
 step, the RNG state of every rank, skip counters and the config. The data position needs no
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import model
-import parallel
+from training import parallel
 
 
 def save(path, stage, step, policy, optimizer, scheduler, extra, fsdp, distributed, master):

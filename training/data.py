@@ -1,6 +1,6 @@
-"""data.py: real R1-VL data: loaders, images, key steps, and the order batches are read in.
+"""training/data.py: real R1-VL data: loaders, images, key steps, and the order batches are read in.
 
-The embedded toy task lives in toy.py. Every record of a real data file is checked; a bad one is
+The embedded toy task lives in toy/task.py. Every record of a real data file is checked; a bad one is
 skipped, counted, and logged as one warning line per reason with its first line numbers; no
 usable record → ValueError.
 - `load_rl_data`: R1-VL-10K records (image_path, problem, solution, key_steps) for StepGRPO.

@@ -1,4 +1,4 @@
-r"""latex_value.py: the number MATH-V's official scorer reads from an answer string, or None.
+r"""benchmarks/latex_value.py: the number MATH-V's official scorer reads from an answer string, or None.
 
 MATH-V's is_equal (mathllm/MATH-V, evaluation/utils.py) compares round(eval(str(latex2sympy(s))), 2) of both
 answers, with the math module's names in scope; latex2sympy is latex2sympy2's ANTLR grammar. This file is our

@@ -1,7 +1,6 @@
-"""toy.py: the embedded default: a synthetic visual-reasoning task and the tiny Qwen2-VL that learns it on a CPU.
+"""toy/task.py: the embedded default task: synthetic visual reasoning that the tiny Qwen2-VL (models/tiny.py) learns on a CPU.
 
     samples = dataset("train", n=4000, seed=0, difficulty=2, teacher_noise=0.5)
-    policy, tokenizer, image_processor = load_tiny()          # what model.load("tiny") returns
 
 The task: the image is a grid of solid 28×28-px colour cells, one cell per merged visual token of
 Qwen2-VL (patch 14 × spatial merge 2), so even a tiny vision tower reads every cell. The difficulty
@@ -11,28 +10,14 @@ credit α·k a signal the final answer lacks. `teacher_noise` makes the warm-up 
 (`teacher_solution`) those of an imperfect teacher who sometimes miscounts, as the MLLM-made paths
 R1-VL warms up on contain mistakes; rewards, key steps and evaluation keep the truth. Imitation
 learns the slips; verifiable rewards can unlearn them.
-
-The model: a real Qwen2-VL architecture with random weights (`families.random_init`), 2.5M parameters,
-and a byte-level BPE tokenizer trained here on the task's vocabulary, so nothing is downloaded.
 """
 import hashlib
 import random
 
 from PIL import Image
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import rewards
-from families import random_init
-from model import CHAT_TEMPLATE, PLAIN_INSTRUCTION, R1VL_INSTRUCTION, SPECIAL_TOKENS, SYSTEM, set_pixel_range
 
-# ---------------------------------------------------------------------------- the tiny model
-# Patch 14 and merge 2 as in the real model, so one visual token covers a 28x28 pixel cell.
-TINY = dict(text_layers=4, hidden=192, heads=6, kv_heads=3, mlp=384, vision_depth=4, vision_dim=128,
-            vision_heads=4, vision_mlp_ratio=2, rope_theta=10000.0)
-VOCAB_SIZE = 1024
-MIN_TOKENS, MAX_TOKENS = 4, 64   # visual tokens per image: 2x2 to 8x8 cells
 MAX_NEW_TOKENS = 160   # a toy reasoning path is about 100 tokens
 
 # The toy preset: train.py's defaults with `--data toy` (flags given on the command line still win).
@@ -40,80 +25,6 @@ MAX_NEW_TOKENS = 160   # a toy reasoning path is about 100 tokens
 PRESET = dict(stage="both", sft_steps=600, sft_batch=32, sft_lr=2e-3, teacher_noise=0.5,
               max_steps=150, prompts_per_step=8, grad_accum=1, temperature=1.0, lr=5e-5,
               max_new_tokens=MAX_NEW_TOKENS, micro_batch=16, eval_n=500, save_every=50)
-
-
-# The tiny models by name (`--model tiny-qwen3-vl`), one per supported family: the same size and tokenizer.
-TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl", "tiny-qwen3.5": "qwen3_5"}
-
-# Qwen3-VL's and Qwen3.5's chat formats (the released templates, reduced to what the prompts here use): no
-# default system turn; Qwen3.5 thinks unless told not to, and then closes an empty think block in the prompt.
-_TURNS = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-          "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-          "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
-          "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}")
-CHAT_TEMPLATES = {
-    "qwen3_vl": _TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    "qwen3_5": _TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-                        "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}"}
-
-
-def load_tiny(seed=0, family="qwen2_vl", **arch):
-    """(model, tokenizer, image_processor): the TINY model of `family` with random weights (`arch` overrides it).
-    Qwen3-VL and Qwen3.5 see 16-px patches, so their cells are resized to 32 px: one merged token each still."""
-    patch = 14 if family in ("qwen2_vl", "qwen2_5_vl") else 16
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2)
-    set_pixel_range(image_processor, MIN_TOKENS, MAX_TOKENS)
-    tk = tokenizer(qwen_split=family == "qwen3_5")
-    tk.chat_template = CHAT_TEMPLATES.get(family, tk.chat_template)    # Qwen2/2.5-VL: model.CHAT_TEMPLATE
-    return random_init(tk, image_processor, seed, family, **{**TINY, **arch}), tk, image_processor
-
-
-PHRASES = [SYSTEM, R1VL_INSTRUCTION.split("{question}")[0], "### Image Description:", "### Rationales:",
-           "### Let's think step by step.", "### Step", "### The final answer is:", "\n\n"]
-
-
-# How Qwen's tokenizers cut text before BPE (digits one by one); transformers rebuilds Qwen3.5's tokenizer
-# with it whatever the saved one says, so the tiny Qwen3.5's tokenizer is trained with it too.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def tokenizer(vocab_size=VOCAB_SIZE, qwen_split=False):
-    """Byte-level BPE (any text encodes) trained on a small built-in corpus, with Qwen2-VL's special tokens
-    and the toy task's fixed text (PHRASES) as whole tokens; `qwen_split`: Qwen3.5's pre-tokenizer."""
-    words = ("the a of and to is in are how many which what more than fewer most least each total sum "
-             "difference cells cell row column grid colour color red green blue yellow white black count "
-             "counts there image shows question answer compare number numbers equal plus minus times "
-             "so then first second third last step steps option options because need we add subtract "
-             "double twice largest find not has")
-    colours = "red green blue yellow white black".split()
-    # Line-start and capitalised forms too (byte-level BPE never merges across a space or newline), so
-    # "Row", "Count", "How" and a colour opening a line are one token each, as in the toy task's text.
-    lines = ["\n".join("How Which What Are Count Counting Row Choices system user assistant".split()),
-             " ".join(f"Row {r}: {a}, {b}, {c}." for r in range(1, 4) for a, b, c in zip(colours, colours[1:], colours[2:])),
-             "\n".join(f"{c} = {n}" for c in colours for n in range(10))]
-    corpus = [R1VL_INSTRUCTION.format(question=words), PLAIN_INSTRUCTION.format(question=words), SYSTEM, words,
-              "### Image Description:\n### Rationales:\n### Let's think step by step.\n"
-              "### The final answer is: ", " ".join(f"### Step {i}:" for i in range(1, 10)),
-              " ".join(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} x {b} = {a * b}."
-                       for a in range(13) for b in range(13)), "A B C D E (A) (B) (C) (D) Yes No yes no", *lines]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if qwen_split:
-        tk.normalizer = normalizers.NFC()
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus * 3, trainer)
-    # The prompt's fixed text and the section headers become one token each (matched before BPE), so a
-    # tiny model spends its compute on the content: a toy sample is ~100 tokens instead of ~200.
-    tk.add_tokens([AddedToken(t, normalized=False) for t in PHRASES])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------- the task

@@ -1,4 +1,4 @@
-"""logs.py: what a training run writes: metrics.jsonl, rollouts.jsonl, wandb, console lines, per-phase
+"""training/logs.py: what a training run writes: metrics.jsonl, rollouts.jsonl, wandb, console lines, per-phase
 timings, the JSON summary and training_curves.png."""
 import contextlib
 import json
@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
-import parallel
+from training import parallel
 
 
 class Log:

@@ -1,9 +1,9 @@
-"""families.py: the model families the code runs, and a model of any of them with random weights.
+"""qwen/families.py: the model families the code runs, and a model of any of them with random weights.
 
     net = random_init(tokenizer, image_processor, family="qwen3_vl", text_layers=4, hidden=192, heads=6, kv_heads=3)
     net.config.model_type   # "qwen3_vl": the FAMILIES key of any loaded model
 
-toy.py builds its tiny models with random_init, and bench.py the Qwen2-VL-2B architecture (the defaults).
+qwen/tiny.py builds its tiny models with random_init, and bench.py the Qwen2-VL-2B architecture (the defaults).
 """
 import torch
 import transformers

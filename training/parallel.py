@@ -1,4 +1,4 @@
-"""parallel.py: the multi-process pieces train.py uses: data parallel by explicit gradient
+"""training/parallel.py: the multi-process pieces train.py uses: data parallel by explicit gradient
 all-reduce, and FSDP2 sharding for models whose weights and optimizer state do not fit one GPU.
 
 Data parallel (default under torchrun): every rank holds the whole model; after the backward

@@ -1,4 +1,4 @@
-"""launch.py: everything a training run starts from, built by `setup(args)` from train.py's flags.
+"""training/setup.py: everything a training run starts from, built by `setup(args)` from train.py's flags.
 
     run = setup(train.parse_args(argv))      # checks the inputs, loads the data, starts the processes, loads the model
 
@@ -15,13 +15,11 @@ import random
 import torch
 import transformers
 
-import checkpoint
-import data
-import logs
 import model as M
-import parallel
 import rollout
-import toy
+from qwen import tiny
+from toy import task as toy
+from training import checkpoint, data, logs, parallel
 
 
 @dataclasses.dataclass
@@ -70,7 +68,7 @@ def load_data(args):
 def load_model(args, name, device):
     """The model in fp32 (master weights), FSDP-sharded with --fsdp. A user's mistake gives one line."""
     try:
-        net, tokenizer, image_processor = M.load(name, device=device, dtype=torch.float32)
+        net, tokenizer, image_processor = M.load(name, device=device, dtype=torch.float32, build=tiny.builder(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
     if args.gradient_checkpointing:   # transformers >= 5.24 names it activation checkpointing
@@ -82,7 +80,7 @@ def load_model(args, name, device):
 def check_inputs(args):
     """Mistakes a person can fix, found before any model is loaded or out_dir is touched."""
     name = args.model
-    if name not in toy.TINY_MODELS and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if name not in tiny.TINY_MODELS and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise SystemExit(f"error: model directory {name!r} does not exist (a hub id looks like 'Qwen/Qwen2-VL-2B-Instruct')")
     if args.data != "toy" and not os.path.isfile(args.data):
         raise SystemExit(f"error: data file {args.data!r} not found")

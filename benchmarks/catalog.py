@@ -1,4 +1,4 @@
-"""benchmarks.py: one entry per R1-VL benchmark (BENCHES): how its files are read into records, the rule
+"""benchmarks/catalog.py: one entry per R1-VL benchmark (BENCHES): how its files are read into records, the rule
 that judges one answer (scorers.py), how the judgements add up, and the headline number.
 
 Adding a benchmark: a converter (row -> record), its FILES patterns, a scorer, and one Bench line.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import scorers
-from scorers import LETTERS
+from benchmarks import scorers
+from benchmarks.scorers import LETTERS
 
 # What a --data folder is searched for, per benchmark: the first pattern with matches wins (official
 # files, VLMEvalKit TSV, then the evaluated split of the Hugging Face parquet shards).

@@ -1,5 +1,5 @@
-"""scorers.py: judge one answer by rule, per benchmark; every rule reimplements the benchmark's official
-scorer (or says where it cannot: MathVerse's is an LLM). Each function takes a record of benchmarks.py and
+"""benchmarks/scorers.py: judge one answer by rule, per benchmark; every rule reimplements the benchmark's official
+scorer (or says where it cannot: MathVerse's is an LLM). Each function takes a record of catalog.py and
 the model's final answer, and returns True when it is right."""
 import json
 import math
@@ -10,7 +10,7 @@ from decimal import Decimal
 from rapidfuzz.distance import Levenshtein
 
 import rewards
-from latex_value import latex_value
+from benchmarks.latex_value import latex_value
 
 LETTERS = "ABCDEFGHIJ"
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"   # as written in answers: -1,234.5 or .5

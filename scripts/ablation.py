@@ -1,8 +1,8 @@
-"""ablation.py: the reward ablation of R1-VL (Table 2, Figure 3) replayed on the toy task, in two regimes.
+"""scripts/ablation.py: the reward ablation of R1-VL (Table 2, Figure 3) replayed on the toy task, in two regimes.
 
-    python ablation.py                        # dense: the default toy task; 5 arms x 3 seeds, 2 runs at a time
-    python ablation.py --regime sparse        # sparse: few sampled answers right, the paper's motivating case
-    python ablation.py --warmup out/warmup --steps 100 --seeds 0 1 --out_dir out/ablation
+    python -m scripts.ablation                        # dense: the default toy task; 5 arms x 3 seeds, 2 runs at a time
+    python -m scripts.ablation --regime sparse        # sparse: few sampled answers right, the paper's motivating case
+    python -m scripts.ablation --warmup out/warmup --steps 100 --seeds 0 1 --out_dir out/ablation
 
 From one warm-up (`train.py --stage sft`, or --warmup DIR), every arm trains for the same number of steps
 with 32 sequences per step, then is evaluated greedily on one held-out set:
@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: train.py, evaluate.py
 ARMS = ["outcome", "steprar", "steprvr", "step", "sft"]
 KINDS = ["outcome", "steprar", "steprvr", "step"]
 LABELS = {"warmup": "warm-up only", "outcome": "+ outcome reward (GRPO)", "steprar": "+ StepRAR",

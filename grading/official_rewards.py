@@ -1,4 +1,4 @@
-"""official.py: the rewards as the released R1-VL code computes them, for A/B runs against the paper's.
+"""grading/official_rewards.py: the rewards as the released R1-VL code computes them, for A/B runs against the paper's.
 
 The official accuracy_reward and validity_reward (jingyi0000/R1-VL, src/r1-vl/src/open_r1/grpo.py),
 rewritten step by step in our words. Every quirk below is the official code's, kept on purpose;

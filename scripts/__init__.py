@@ -1,0 +1,2 @@
+"""scripts/: runs that reproduce results, from the repository root: `python -m scripts.ablation`.
+"""

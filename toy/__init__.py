@@ -1,0 +1,2 @@
+"""toy/: the embedded default task (task.py): synthetic visual reasoning with key steps, and its preset.
+"""
