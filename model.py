@@ -296,11 +296,14 @@ def refresh_inference_copy(copy, policy):
     device-side copy per tensor. FSDP2 shards (DTensors) are gathered first, a collective, so under
     FSDP every rank calls this at the same point."""
     target = dict(copy.named_parameters())
-    source = dict(policy.named_parameters())
+    source = {n.replace(".base_layer.", "."): p for n, p in policy.named_parameters() if ".lora_" not in n}
     if target.keys() != source.keys():
         raise ValueError(f"inference copy and policy differ in parameters: {sorted(target.keys() ^ source.keys())[:5]}")
     for name, p in source.items():
         target[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+    for name, layer in policy.named_modules():   # LoRA layers (peft): merged, W + (alpha/r)·B·A (training/lora.py)
+        if hasattr(layer, "get_delta_weight") and not layer.disable_adapters:
+            target[name + ".weight"].add_(sum(layer.get_delta_weight(a) for a in layer.active_adapters))
 
 
 def special_ids(tokenizer):

@@ -26,16 +26,19 @@ from tqdm import tqdm
 import model as M, rewards
 from stepgrpo import group_advantages, policy_loss, sampling_mismatch
 from grading import official_rewards
+from qwen.tiny import TINY_MODELS
 from toy import task as toy
-from training import checkpoint, data, logs, parallel
-from training.setup import generate, load_model, open_images, setup
+from training import checkpoint, data, logs, lora, parallel
+from training.setup import generate, load_model, lora_reference, open_images, setup
 
 
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    """Every flag's default is the paper's (its implementation details and official code); `--data toy` applies toy.PRESET
-    to the flags not given on the command line. `--help` shows both."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Every flag's default is the paper's (its implementation details and official code); `--data toy` applies
+    toy.PRESETS (one for the tiny models, one for any other) to the flags not given. `--help` shows both."""
+    presets = "; ".join(f"{kind}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for kind, preset in toy.PRESETS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=f"--data toy (the default) sets, unless given: {presets}")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="tiny", help="hub id, local directory (start it with ./ or /), or a tiny model: "
                    "'tiny' (Qwen2-VL), 'tiny-qwen2.5-vl', 'tiny-qwen3-vl', 'tiny-qwen3.5'")
@@ -77,7 +80,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("SFT warm-up, data, evaluation, logging")
     g.add_argument("--sft_steps", type=int, default=1000, help="warm-up steps")
     g.add_argument("--sft_batch", type=int, default=8, help="warm-up samples per rank per step")
-    g.add_argument("--sft_lr", type=float, default=2e-5, help="warm-up peak lr (3%% warm-up, cosine)")
+    g.add_argument("--sft_lr", type=float, default=None, help="warm-up peak lr (3%% warm-up, cosine); "
+                   "the paper's by model size: 2e-5, or 5e-6 from 5B parameters (7B)")
     g.add_argument("--sft_weight_decay", type=float, default=0.05, help="warm-up AdamW weight decay")
     g.add_argument("--drop_reflective", action="store_true", help="drop SFT samples with a self-correction step")
     g.add_argument("--derive_key_steps", action="store_true", help="derive missing key steps from the solution")
@@ -87,12 +91,10 @@ def parse_args(argv=None):
     g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
     g.add_argument("--difficulty", type=int, default=2, choices=sorted(toy.LEVELS), help="toy task level")
     g.add_argument("--teacher_noise", type=float, default=0.0, help="toy warm-up paths that miscount")
-    for action in p._actions:
-        if action.dest in toy.PRESET:
-            action.help += f" [toy: {toy.PRESET[action.dest]}]"
+    lora.add_flags(p)
     known, _ = p.parse_known_args(argv)
     if known.data == "toy":
-        p.set_defaults(**toy.PRESET)
+        p.set_defaults(**(toy.PRESET if known.model in TINY_MODELS else toy.PRETRAINED))
     args = p.parse_args(argv)
     if args.top_p < 1 and args.stage != "sft":
         p.error("--top_p < 1 samples from the nucleus, but the loss scores the full distribution: use --top_p 1 in RL")
@@ -198,7 +200,7 @@ def sft(run):
     run.policy.train()
     every = a.eval_every if run.eval_set else 0
     if every and start == 0:
-        heldout_accuracy(run, run.eval_set, 0, stage="eval_sft")
+        run.log.print(f"held-out accuracy before the warm-up: {heldout_accuracy(run, run.eval_set, 0, 'eval_sft')[0]:.3f}")
     for step in tqdm(range(start, a.sft_steps), desc="SFT warm-up", initial=start, total=a.sft_steps, disable=not run.master):
         t0 = time.time()
         samples, images, _ = open_images(run, data.batch_at(run.sft_set, step, a.sft_batch, run.rank, run.world, a.seed + 7)[0])
@@ -254,7 +256,7 @@ def update(run, batch, optimizer, scheduler):
     by the global count of completions (or tokens), so micro-batches and ranks add up to the global mean."""
     a, ro, timer = run.args, batch.rollout, batch.seconds
     jobs = micro_batches(run, batch)
-    with timer("reference"), torch.no_grad(), run.amp:
+    with timer("reference"), torch.no_grad(), run.amp, lora.adapters_off(run.reference):
         ref = [M.completion_logprobs(run.reference, *ro.rows(rows)[:2], a.temperature, ro.suppress_ids)
                if a.beta else None for rows, _ in jobs]
     with timer("update"):
@@ -292,8 +294,11 @@ def micro_batches(run, batch):
 
 def load_reference(run):
     """The frozen starting model of the RL stage (--model, or the warm-up's result), in the policy's own dtype
-    and sharding, so that the two agree bitwise until the first update (KL exactly 0 at step 0)."""
+    and sharding, so that the two agree bitwise until the first update (KL exactly 0 at step 0); with LoRA the
+    policy itself, whose adapters update() turns off for it."""
     start = os.path.join(run.args.out_dir, "warmup") if run.args.stage == "both" else run.args.model
+    if run.args.lora_rank:
+        return lora_reference(run, start)
     return load_model(run.args, start, run.device)[0].eval().requires_grad_(False)
 
 
@@ -304,7 +309,7 @@ def rl(run):
     run.policy.train()        # gradient checkpointing acts only in train mode; the model has no dropout
     every = a.eval_every if run.eval_set else 0
     if every and start == 0 and a.stage == "rl":      # with --stage both, main() scored the warm-up as step 0
-        heldout_accuracy(run, run.eval_set, 0)
+        run.log.print(f"held-out accuracy before StepGRPO: {heldout_accuracy(run, run.eval_set, 0)[0]:.3f}")
     bar = tqdm(range(start, a.max_steps), desc="StepGRPO", initial=start, total=a.max_steps, disable=not run.master)
     for step in bar:
         t0 = time.time()

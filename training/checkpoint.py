@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import model
-from training import parallel
+from training import lora, parallel
 
 
 def save(path, stage, step, policy, optimizer, scheduler, extra, fsdp, distributed, master):
@@ -26,6 +26,7 @@ def save(path, stage, step, policy, optimizer, scheduler, extra, fsdp, distribut
         all_rng = [None] * dist.get_world_size()
         dist.all_gather_object(all_rng, rng)
     model_state, optimizer_state = parallel.full_state(policy, optimizer, fsdp)
+    model_state = {k: v for k, v in model_state.items() if k in trained(policy)}   # frozen: the starting model's
     if master:
         state = dict(stage=stage, step=step, model=model_state, optimizer=optimizer_state,
                      scheduler=scheduler.state_dict(), rng=all_rng, **extra)
@@ -52,6 +53,8 @@ def load(path, stage, policy, optimizer, scheduler, fsdp, rank, world):
     if stage_of(path) != stage:
         return None
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)   # pages shared by ranks
+    if set(state["model"]) != trained(policy):
+        raise SystemExit(f"error: {path} trained other parameters (--lora_rank, --lora_targets or --freeze_vision differ)")
     parallel.load_full_state(policy, optimizer, state["model"], state["optimizer"], fsdp)
     scheduler.load_state_dict(state["scheduler"])
     if len(state["rng"]) == world:
@@ -94,12 +97,21 @@ def trim_log(path, stage, step):
         f.writelines(json.dumps(r) + "\n" for r in rows if key(r) <= (order[stage], step))
 
 
+def trained(policy):
+    """Names of the parameters that train (tied ones under every name): a checkpoint holds only these."""
+    return {n for n, q in policy.named_parameters(remove_duplicate=False) if q.requires_grad}
+
+
 def save_pretrained(directory, policy, tokenizer, image_processor, fsdp, distributed, master):
-    """Hugging Face format (model, tokenizer, image processor): plain transformers loads it back."""
-    state, _ = parallel.full_state(policy, None, fsdp)
+    """Hugging Face format (model, tokenizer, image processor): plain transformers loads it back. With LoRA the
+    model is the merged one, and directory/adapter holds the adapters for peft."""
+    state, _ = parallel.full_state(policy, None, fsdp) if not lora.layers(policy) else (None, None)
     if master:
         for part in (tokenizer, image_processor):
             part.save_pretrained(directory)
-        policy.save_pretrained(directory, state_dict=state)
+        if state is None:
+            lora.save(directory, policy)
+        else:
+            policy.save_pretrained(directory, state_dict=state)
     if distributed:
         dist.barrier()

@@ -107,12 +107,12 @@ def full_state(net, optimizer, fsdp):
 
 def load_full_state(net, optimizer, model_state, optimizer_state, fsdp):
     if not fsdp:
-        net.load_state_dict(model_state)
+        net.load_state_dict(model_state, strict=False)     # checkpoint.load checked: only frozen weights are missing
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(net, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def global_means(lists, device, distributed):

@@ -19,7 +19,7 @@ import model as M
 import rollout
 from qwen import tiny
 from toy import task as toy
-from training import checkpoint, data, logs, parallel
+from training import checkpoint, data, lora, logs, parallel
 
 
 @dataclasses.dataclass
@@ -65,12 +65,22 @@ def load_data(args):
     return sft, rl, []
 
 
+def compute_dtype(args, device):
+    """What forward passes compute in: bf16 autocast on CUDA unless --dtype says otherwise."""
+    return torch.bfloat16 if args.dtype == "bf16" or (device.type == "cuda" and args.dtype is None) else torch.float32
+
+
 def load_model(args, name, device):
-    """The model in fp32 (master weights), FSDP-sharded with --fsdp. A user's mistake gives one line."""
+    """The model in fp32 (master weights), FSDP-sharded with --fsdp; with --lora_rank a frozen base with fp32
+    adapters, with --freeze_vision a frozen vision tower (training/lora.py). A user's mistake gives one line."""
     try:
         net, tokenizer, image_processor = M.load(name, device=device, dtype=torch.float32, build=tiny.builder(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
+    if args.freeze_vision:
+        lora.freeze_vision(net)
+    if args.lora_rank:
+        net = lora.add_adapters(net, args, compute_dtype(args, device))
     if args.gradient_checkpointing:   # transformers >= 5.24 names it activation checkpointing
         enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
         enable({"use_reentrant": False})
@@ -82,6 +92,8 @@ def check_inputs(args):
     name = args.model
     if name not in tiny.TINY_MODELS and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise SystemExit(f"error: model directory {name!r} does not exist (a hub id looks like 'Qwen/Qwen2-VL-2B-Instruct')")
+    if args.fsdp and args.lora_rank:
+        raise SystemExit("error: --fsdp with --lora_rank: LoRA's trained state is small, use data parallel (torchrun without --fsdp)")
     if args.data != "toy" and not os.path.isfile(args.data):
         raise SystemExit(f"error: data file {args.data!r} not found")
     if args.wandb:
@@ -110,13 +122,32 @@ def setup(args):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     policy, tokenizer, image_processor = load_model(args, args.model, device)
-    bf16 = args.dtype == "bf16" or (device.type == "cuda" and args.dtype is None)
+    args.sft_lr = args.sft_lr or paper_sft_lr(sum(q.numel() for q in policy.parameters()))
+    bf16 = compute_dtype(args, device) == torch.bfloat16
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers.
     sampler = M.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if bf16 or args.fsdp else policy
     os.makedirs(os.path.join(args.out_dir, "checkpoint"), exist_ok=True)
     return Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
                eval_set, logs.Log(args, rank == 0))
+
+
+def paper_sft_lr(n_params):
+    """The paper's warm-up lr: 2e-5 for Qwen2-VL-2B, 5e-6 for the 7B; from 5B parameters a model counts as the 7B."""
+    return 5e-6 if n_params >= 5e9 else 2e-5
+
+
+def lora_reference(run, start):
+    """With LoRA the RL reference is the policy with its adapters off. After a warm-up the policy is rebuilt
+    from `start` (the warm-up's merged model) with fresh adapters, so that its base is the RL stage's start."""
+    if run.args.stage == "both":
+        own_copy = run.sampler is not run.policy
+        run.policy = load_model(run.args, start, run.device)[0]
+        if own_copy:
+            M.refresh_inference_copy(run.sampler, run.policy)
+        else:
+            run.sampler = run.policy
+    return run.policy
 
 
 def open_images(run, samples):
