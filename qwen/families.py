@@ -24,9 +24,10 @@ FAMILIES = {
 
 def random_init(tokenizer, image_processor, seed=0, family="qwen2_vl", text_layers=28, hidden=1536, heads=12,
                 kv_heads=2, mlp=8960, vision_depth=32, vision_dim=1280, vision_heads=16, vision_mlp_ratio=4,
-                rope_theta=1e6, model_vocab=None):
+                rope_theta=1e6, model_vocab=None, tie_embeddings=True):
     """A model of `family` and the given size with random weights (deterministic for a seed); the defaults
-    are Qwen2-VL-2B's published architecture. `model_vocab` None: the tokenizer's size. It saves with
+    are Qwen2-VL-2B's published architecture. `model_vocab` None: the tokenizer's size; `tie_embeddings`
+    False: an LM head of its own (Qwen2-VL-7B). It saves with
     `save_pretrained` into a directory that plain transformers loads back."""
     if family not in FAMILIES:
         raise ValueError(f"model family {family!r}: expected one of {sorted(FAMILIES)}")
@@ -63,7 +64,7 @@ def random_init(tokenizer, image_processor, seed=0, family="qwen2_vl", text_laye
     config = transformers.AutoConfig.for_model(
         family, text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)

@@ -1,5 +1,6 @@
 """What trains: LoRA adapters on a frozen base (the reference is the base), a frozen vision tower, and the
 preset a pretrained model gets on the toy task. Tiny models, a few steps each."""
+import json
 import os
 import subprocess
 import sys
@@ -131,7 +132,10 @@ def test_two_ranks_train_the_same_adapters_as_one(sft_lora, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = adapter(sft_lora), adapter(tmp_path)
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)
-    assert all(torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4) for k in one)
+    # equal up to float summation order, which Adam amplifies where gradients are ~0: a tenth of the lr
+    assert all(torch.allclose(one[k], two[k], atol=1e-3, rtol=0) for k in one)
+    losses = [[round(json.loads(line)["loss"], 5) for line in open(out / "metrics.jsonl")] for out in (sft_lora, tmp_path)]
+    assert losses[0] == losses[1]
 
 
 def test_freeze_vision_keeps_the_vision_tower_bit_identical_through_both_stages(tmp_path):
