@@ -4,6 +4,8 @@
     python bench.py --model qwen2-vl-2b                    # the Qwen2-VL-2B architecture, random weights (CUDA)
     python bench.py --model qwen2-vl-2b --workload paper   # R1-VL's step: 16 rows x 1,024 tokens, 640x480 image
     python bench.py --decode_table                         # also ms per decode step by rows x length
+    python bench.py --memory                               # bytes per GPU of the paper's step, 2B and 7B (no GPU needed)
+    python bench.py --model qwen2-vl-2b --workload paper --lora_rank 64   # that step's measured peak (CUDA)
 
 Workloads (every completion exactly --max_new_tokens long: EOS is ignored, so runs compare):
     small  2 prompts x M = 4, 64 new tokens, one 112x112 image and a short question per prompt, β = 0.04.
@@ -26,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from qwen import families, tiny
+from training import memory
 import model as M
 import rollout
 
@@ -48,6 +51,9 @@ def parse_args():
                    help="also time decoding per step, ROWS:LENGTHS")
     p.add_argument("--compile", action="store_true", help="decode with CUDA graphs, in the step and the tables")
     p.add_argument("--out_dir", default="out/bench", help="the run's folder; the random 2B model is saved here once")
+    p.add_argument("--lora_rank", type=int, default=0, help="as train.py's flag")
+    p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
+    p.add_argument("--memory", action="store_true", help="print the counted bytes per GPU (training/memory.py) and exit")
     return p.parse_args()
 
 
@@ -192,12 +198,21 @@ def position_profile(run, rows, length, window=64, compile=False):
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # each table line shows as soon as it is measured
     args = parse_args()
+    if args.memory:
+        tables = {name: memory.table(name) for name in memory.ARCHITECTURES}
+        for lines, _ in tables.values():
+            print("\n".join(lines) + "\n")
+        print("CUDA peak: python bench.py --model qwen2-vl-2b --workload paper --steps 1 [--lora_rank 64 | --freeze_vision]"
+              " reports peak_memory_gib on a GPU (one process: the data-parallel columns)")
+        print(json.dumps({name: dict(columns) for name, (_, columns) in tables.items()}))
+        return
     w = WORKLOADS[args.workload]
     model = random_2b(args.out_dir) if args.model == "qwen2-vl-2b" else args.model
     flags = ["--model", model, "--data", "toy", "--stage", "rl", "--out_dir", args.out_dir, "--overwrite", "--eval_n", "0",
              "--max_steps", str(args.steps + 1), "--num_generations", "4", "--beta", "0.04", "--lr", "1e-6",
              *[f"--{k}={v}" for k, v in w.items() if k != "image"],
-             *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *(["--compile"] if args.compile else [])]
+             *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *(["--compile"] if args.compile else []),
+             "--lora_rank", str(args.lora_rank), *(["--freeze_vision"] if args.freeze_vision else [])]
     run = train.setup(train.parse_args(flags))
     run.train_set, run.fixed_length = samples(64, w["image"]), True
     run.reference = train.load_reference(run)

@@ -23,3 +23,22 @@ def test_bench_times_the_training_step_and_the_decode_tables(tmp_path, monkeypat
     assert all(r["ms_per_step"] > 0 for r in out["decode_table"])
     assert [r["vs_shortest"] for r in out["decode_table"] if r["tokens"] == 8] == [1.0, 1.0]
     assert [(p["rows"], p["tokens"], p["window"]) for p in out["decode_positions"]] == [(1, 16, 3), (4, 16, 3)]
+
+
+def test_memory_counts_every_byte_of_the_2b_setups_on_the_meta_device():
+    """bench.py --memory's accounting (training/memory.py) for the Qwen2-VL-2B: fp32 master weights, gradients and
+    two AdamW moments, an fp32 reference; FSDP splits them; LoRA trains 64·(in + out) per text Linear layer."""
+    from training import memory
+    full, fsdp, frozen, lora = (memory.account("Qwen2-VL-2B", **kw) for kw in (
+        {}, dict(fsdp=True, world=4), dict(freeze_vision=True), dict(lora_rank=64)))
+    n = full["params"]
+    assert n == 2_208_985_600                                            # the published 2B
+    assert (full["weights"], full["gradients"], full["optimizer"], full["reference"]) == (4 * n, 4 * n, 8 * n, 4 * n)
+    assert 4 * n / 4 <= fsdp["weights"] < 4 * n / 4 + 2 ** 20 and fsdp["fsdp_gathered"] > 0
+    vision = memory.meta_model("Qwen2-VL-2B").model.visual
+    tower = sum(q.numel() for name, q in vision.named_parameters() if "merger" not in name)
+    assert frozen["gradients"] == 4 * (n - tower)
+    per_layer = 64 * sum(i + o for i, o in [(1536, 1536), (1536, 256), (1536, 256), (1536, 1536),
+                                            (1536, 8960), (1536, 8960), (8960, 1536)])
+    assert lora["gradients"] == 4 * 28 * per_layer and lora["reference"] == 0
+    assert lora["sampling_copy"] == full["sampling_copy"] and lora["total"] < 24 * 2 ** 30   # fits 24 GB before activations
