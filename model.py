@@ -286,12 +286,11 @@ def inference_copy(policy, dtype=torch.bfloat16):
     """
     with torch.device("meta"):
         copy = AutoModelForImageTextToText.from_config(policy.config)
-    device = next(policy.parameters()).device
-    copy.to_empty(device=device).eval().requires_grad_(False)
-    copy.tie_weights()                                     # to_empty gives tied weights separate storage
-    for module in copy.modules():
+    for module in copy.modules():                          # cast while on meta: no fp32 copy is ever allocated
         if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and module is not copy.lm_head:
             module.to(dtype)
+    copy.to_empty(device=next(policy.parameters()).device).eval().requires_grad_(False)
+    copy.tie_weights()                                     # to_empty gives tied weights separate storage
     with torch.no_grad():
         for name, buf in policy.named_buffers():           # rotary frequencies; never sharded
             copy.get_buffer(name).copy_(buf)

@@ -248,7 +248,7 @@ def warn_once(message):
 
 @functools.cache
 def compiled_decode_step(cuda=True):
-    """decode_step compiled once per row bucket (the cache length is dynamic: see kv_cache) and, on CUDA,
+    """decode_step compiled once or twice per row bucket (the cache length is dynamic: see window) and, on CUDA,
     replayed as CUDA graphs, one recorded per row bucket x attended window; inductor alone elsewhere."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     step = torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
@@ -291,7 +291,8 @@ def kv_cache(model, shape, dtype, device, keep=False):
 def window(cache, slot, compiled=False):
     """`cache` cut to its first slots up to `slot`, rounded up to CACHE_ROUND: a step attends over these only, so
     its cost follows the current length. Views of the cache's own buffers, made once per size and reused, with
-    the length dynamic when `compiled`: one compiled step for every window, at fixed addresses for CUDA graphs."""
+    the length dynamic when `compiled`: one compiled step for every window that is the whole cache and one for
+    every shorter (strided) window, at fixed addresses for CUDA graphs."""
     size = min(rounded(slot + 1), cache.slots.shape[0])
     if size not in cache.windows:
         cut = KVCache([k[:, :, :size] for k in cache.k], [v[:, :, :size] for v in cache.v], cache.valid[:, :size],
