@@ -6,6 +6,7 @@
     python bench.py --decode_table                         # also ms per decode step by rows x length
     python bench.py --memory                               # bytes per GPU of the paper's step, 2B and 7B (no GPU needed)
     python bench.py --model qwen2-vl-2b --workload paper --lora_rank 64   # that step's measured peak (CUDA)
+    python bench.py --compile_vs_eager 16:2048             # ms per decode step, compiled and eager (CPU too)
 
 Workloads (every completion exactly --max_new_tokens long: EOS is ignored, so runs compare):
     small  2 prompts x M = 4, 64 new tokens, one 112x112 image and a short question per prompt, β = 0.04.
@@ -50,6 +51,8 @@ def parse_args():
     p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
                    help="also time decoding per step, ROWS:LENGTHS")
     p.add_argument("--compile", action="store_true", help="decode with CUDA graphs, in the step and the tables")
+    p.add_argument("--compile_vs_eager", default=None, help="also ms per decode step compiled and eager, ROWS:SLOTS "
+                   "(CUDA graphs on CUDA, inductor alone elsewhere)")
     p.add_argument("--out_dir", default="out/bench", help="the run's folder; the random 2B model is saved here once")
     p.add_argument("--lora_rank", type=int, default=0, help="as train.py's flag")
     p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
@@ -161,6 +164,34 @@ def decode_table(run, rows_list, lengths, compile=False):
     return table
 
 
+@torch.no_grad()
+def compile_vs_eager(run, rows, slots, steps=16):
+    """ms per decode step, eager and compiled, for `rows` samples of one prompt at the end of a cache of
+    `slots` slots: the median of `steps` single steps attending over the whole cache, after 3 warm-up steps."""
+    s, cuda, net = samples(1, (112, 112))[0], run.device.type == "cuda", run.sampler
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    batch = M.build_inputs(run.tokenizer, run.image_processor, [s["image"]], [s["problem"]])
+    batch = {k: v.to(run.device) for k, v in batch.items() if k != "kept" and v is not None}
+    batch.setdefault("pixel_values", None), batch.setdefault("image_grid_thw", None)
+    prompt_len, was_training, out = batch["input_ids"].shape[1], net.training, {}
+    net.eval()
+    for name, compiled in (("eager", False), ("compiled", True)):
+        step = rollout.compiled_decode_step(cuda) if compiled else rollout.decode_step
+        with run.amp:
+            cache, _, positions = rollout.prefill(net, batch, torch.zeros(rows, dtype=torch.long, device=run.device),
+                                                  slots - prompt_len, keep=compiled)
+            tokens, last, times = torch.zeros(positions.shape[1], 1, dtype=torch.long, device=run.device), slots - 1, []
+            for slot in range(last - steps - 3, last):
+                sync()
+                t = time.perf_counter()
+                step(net, rollout.window(cache, slot, compiled), tokens, positions, torch.tensor([slot], device=run.device))
+                sync()
+                times.append(time.perf_counter() - t)
+        out[f"{name}_ms_per_step"] = round(1000 * statistics.median(times[3:]), 3)
+    net.train(was_training)
+    return dict(rows=rows, slots=slots, **out, compiled_vs_eager=round(out["compiled_ms_per_step"] / out["eager_ms_per_step"], 2))
+
+
 def position_profile(run, rows, length, window=64, compile=False):
     """ms per decode step at the start and at the end of one `length`-token generation (the first and the
     last `window` steps, at most a quarter each, timed one by one, fastest of two runs): a static cache
@@ -268,6 +299,11 @@ def main():
             print(f"{'rows':>6}{'first':>10}{'last':>10}{'last/first':>12}")
         for r in profile:
             print(f"{r['rows']:>6}{r['ms_first']:>10.3f}{r['ms_last']:>10.3f}{r['last_vs_first']:>12.2f}")
+    if args.compile_vs_eager:
+        rows, slots = (int(x) for x in args.compile_vs_eager.split(":"))
+        out["compile_vs_eager"] = r = compile_vs_eager(run, rows, slots)
+        print(f"decode step, {rows} rows x {slots} slots: eager {r['eager_ms_per_step']:.3f} ms, "
+              f"compiled {r['compiled_ms_per_step']:.3f} ms ({r['compiled_vs_eager']:.2f}x)")
     print(json.dumps(out))
 
 

@@ -10,6 +10,7 @@ log-probs of completion tokens, and the low-precision copy of the policy that sa
 `Qwen2VLProcessor` is not used (it cannot be built without torchvision), so inputs are made from
 the tokenizer and the image processor directly, the same way it makes them.
 """
+import functools
 import importlib.util
 import inspect
 import json
@@ -217,15 +218,24 @@ def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_
     Positions are explicit and the cache is off, so no `rope_deltas` left by an earlier
     `generate` can shift them.
     """
-    prompt_len = batch["input_ids"].shape[1]
     input_ids = torch.cat([batch["input_ids"], completion_ids], 1)
     attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(completion_ids)], 1)
     mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
     positions, _ = rope_positions(model, input_ids, attention_mask, mm, batch["image_grid_thw"])
     model.model.rope_deltas = None
+    # An FSDP2 model (training/parallel.py) carries `score_tokens` as a registered forward of its root, so
+    # that the root's weights (embeddings, LM head, norms) are gathered around this call and its backward.
+    score = getattr(model, "score_tokens", None) or functools.partial(score_tokens, model)
+    return score(input_ids, attention_mask, positions, batch["pixel_values"], batch["image_grid_thw"], completion_ids,
+                 temperature, suppress_ids, chunk_size)
+
+
+def score_tokens(model, input_ids, attention_mask, positions, pixel_values, image_grid_thw, completion_ids,
+                 temperature, suppress_ids, chunk_size):
+    """completion_logprobs once its inputs are built: the trunk's forward, then the fp32 LM head in chunks."""
+    prompt_len = input_ids.shape[1] - completion_ids.shape[1]
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                         use_cache=False).last_hidden_state
+                         pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state
     hidden = hidden[:, prompt_len - 1:-1].reshape(-1, hidden.shape[-1])    # states that predict o_t
     targets = completion_ids.reshape(-1)
     weight, bias = fp32_head(model)
@@ -276,12 +286,11 @@ def inference_copy(policy, dtype=torch.bfloat16):
     """
     with torch.device("meta"):
         copy = AutoModelForImageTextToText.from_config(policy.config)
-    device = next(policy.parameters()).device
-    copy.to_empty(device=device).eval().requires_grad_(False)
-    copy.tie_weights()                                     # to_empty gives tied weights separate storage
-    for module in copy.modules():
+    for module in copy.modules():                          # cast while on meta: no fp32 copy is ever allocated
         if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and module is not copy.lm_head:
             module.to(dtype)
+    copy.to_empty(device=next(policy.parameters()).device).eval().requires_grad_(False)
+    copy.tie_weights()                                     # to_empty gives tied weights separate storage
     with torch.no_grad():
         for name, buf in policy.named_buffers():           # rotary frequencies; never sharded
             copy.get_buffer(name).copy_(buf)

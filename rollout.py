@@ -21,9 +21,10 @@ kept in the mask.
 """
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
@@ -31,7 +32,8 @@ from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_p
 
 log = logging.getLogger(__name__)
 
-CACHE_ROUND = 256   # cache lengths are rounded up to a multiple of this: few shapes, aligned attention masks
+CACHE_ROUND = 256   # cache lengths, and the slots a step attends over, are rounded up to a multiple of this
+KEEP_CACHES = 4     # compiled decoding keeps the static caches of the last few shapes, for their CUDA graphs
 CHECK_EVERY = 8     # steps between checks that every row has stopped (each check waits for the device)
 
 
@@ -58,11 +60,13 @@ class Rollout:
 
 @dataclass
 class KVCache:
-    """Keys and values of every text layer for a fixed number of rows and slots, written in place."""
-    k: torch.Tensor       # [layers, rows, kv_heads, length, head_dim]
-    v: torch.Tensor       # [layers, rows, kv_heads, length, head_dim]
+    """Keys and values of every text layer for a fixed number of rows and slots, written in place. One buffer
+    per layer, as in gpt-fast: a compiled write into a slice of one multi-layer tensor copies the whole tensor."""
+    k: list               # per layer [rows, kv_heads, length, head_dim]
+    v: list               # per layer [rows, kv_heads, length, head_dim]
     valid: torch.Tensor   # [rows, length] bool: slots a row may attend to (not its prompt's left padding)
     slots: torch.Tensor   # [length] 0..length-1: a slot becomes visible once decoding has reached it
+    windows: dict = field(default_factory=dict, repr=False)   # size -> this cache's first `size` slots (window())
 
 
 @torch.no_grad()
@@ -84,10 +88,13 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
         log.warning("skipped %d of %d prompts longer than %d tokens", skipped, len(images), max_prompt_len)
     if batch is None:
         return None
+    if isinstance(model, FSDPModule):   # the decode step calls the layers' parts, which FSDP's hooks do not see
+        raise TypeError("generate from an unsharded copy of an FSDP model: model.inference_copy(policy)")
     device = next(model.parameters()).device
     kept = batch.pop("kept")
     batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
     suppress, stop = special_ids(tokenizer)
+    suppress_t = torch.tensor(suppress, dtype=torch.long, device=device)   # indexed on the device at every token
     stop = [] if ignore_eos else stop
     stop_t, pad = torch.tensor(stop, dtype=torch.long, device=device), tokenizer.pad_token_id
     m = num_samples
@@ -98,25 +105,21 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     was_training = model.training
     model.eval()
     if static_cache_fits(model):          # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
-        start, step = prefill, compiled_decode_step() if compile else decode_step
+        start, step = prefill, compiled_decode_step(device.type == "cuda") if compile else decode_step
     else:                                 # Qwen3.5: the model's own forward and cache, eager
         if compile:
             warn_once(f"{type(model).__name__} decodes eagerly with its own cache: no CUDA graph")
         start, step = prefill_own, own_decode_step
     cache, hidden, next_pos = start(model, batch, group, max_new_tokens, keep=compile)
-    # An FSDP2-sharded policy: the decode step calls the layers' parts, which FSDP's hooks do not
-    # see, so the layers' full weights are gathered once here and held until decoding ends.
-    sharded = [layer for layer in model.model.language_model.layers if isinstance(layer, FSDPModule)]
-    for layer in sharded:
-        layer.unshard()
-    first_slot = torch.tensor([batch["input_ids"].shape[1]], device=device)
+    prompt_len = batch["input_ids"].shape[1]
+    first_slot = torch.tensor([prompt_len], device=device)
     head = fp32_head(model)
     tokens = torch.full((next_pos.shape[1], 1), pad, dtype=torch.long, device=device)
     ids = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(n, max_new_tokens, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logp = head_logprobs(hidden[:n], *head, 1.0 if greedy else temperature, suppress)
+        logp = head_logprobs(hidden[:n], *head, 1.0 if greedy else temperature, suppress_t)
         tok = logp.argmax(-1) if greedy else sample(logp, top_p, generators, m)
         tok = torch.where(done, pad, tok)
         ids[:, t], logps[:, t] = tok, logp.gather(1, tok[:, None]).squeeze(1)
@@ -124,9 +127,9 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
         if t == max_new_tokens - 1 or (t % CHECK_EVERY == 0 and bool(done.all())):
             break
         tokens[:n, 0] = tok
-        hidden = step(model, cache, tokens, next_pos + t, first_slot + t)
-    for layer in sharded:
-        layer.reshard()
+        slot = prompt_len + t
+        hidden = step(model, window(cache, slot, compile) if isinstance(cache, KVCache) else cache, tokens,
+                      next_pos + t, first_slot + t)
     model.train(was_training)
 
     completion_mask, truncated = first_stop_mask(ids[:, :t + 1], stop_t)
@@ -154,12 +157,11 @@ def prefill(model, batch, group, max_new_tokens, keep=False):
     device = keys.device
     # Under autocast attention runs in the autocast dtype anyway, so the cache is kept in it.
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else keys.dtype
-    shape = (len(out.cache.layers), padded_rows(n), keys.shape[1],
-             -(-(prompt_len + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND, keys.shape[3])
+    shape = (len(out.cache.layers), padded_rows(n), keys.shape[1], rounded(prompt_len + max_new_tokens), keys.shape[3])
     cache = kv_cache(model, shape, dtype, device, keep)
-    for i, layer in enumerate(out.cache.layers):
-        cache.k[i, :n, :, :prompt_len] = layer.keys[group]
-        cache.v[i, :n, :, :prompt_len] = layer.values[group]
+    for layer, k, v in zip(out.cache.layers, cache.k, cache.v):
+        k[:n, :, :prompt_len] = layer.keys[group]
+        v[:n, :, :prompt_len] = layer.values[group]
     cache.valid.fill_(True)                                      # padding rows: anything, their output is dropped
     cache.valid[:n, :prompt_len] = batch["attention_mask"][group].bool()
     next_pos = torch.zeros(shape[1], 1, dtype=torch.long, device=device)
@@ -185,24 +187,23 @@ def decode_step(model, cache, tokens, positions, slot):
     The model's own layers, written out as in gpt-fast: every shape is fixed, so the step can be
     captured as one CUDA graph. Attention is SDPA whatever the model's attention implementation."""
     text = model.model.language_model
-    rows, kv_heads = tokens.shape[0], cache.k.shape[2]
+    rows, kv_heads = tokens.shape[0], cache.k[0].shape[1]
     h = text.embed_tokens(tokens)
     cos, sin = text.rotary_emb(h, positions)
     visible = (cache.valid & (cache.slots <= slot))[:, None, None, :]
-    for i, layer in enumerate(text.layers):
+    for layer, k_cache, v_cache in zip(text.layers, cache.k, cache.v):
         att = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = (proj(x).view(rows, 1, -1, att.head_dim) for proj in (att.q_proj, att.k_proj, att.v_proj))
         if hasattr(att, "q_norm"):                          # Qwen3-VL: RMS-norm of each head's query and key
             q, k = att.q_norm(q), att.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
-        cache.k[i].index_copy_(2, slot, k.to(cache.k.dtype))
-        cache.v[i].index_copy_(2, slot, v.to(cache.v.dtype))
+        k_cache.index_copy_(2, slot, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, slot, v.transpose(1, 2).to(v_cache.dtype))
         # Grouped-query attention without repeating K/V: the query heads that share a K/V head
         # (consecutive, as in the model) attend as that head's group of queries.
-        scores = q.reshape(rows, kv_heads, -1, att.head_dim) @ cache.k[i].transpose(2, 3) * att.scaling
-        o = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ cache.v[i]
+        q = q.reshape(rows, kv_heads, -1, att.head_dim).to(k_cache.dtype)
+        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, scale=att.scaling)
         h = h + att.o_proj(o.reshape(rows, 1, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return text.norm(h)[:, 0]
@@ -246,14 +247,15 @@ def warn_once(message):
 
 
 @functools.cache
-def compiled_decode_step():
-    """decode_step compiled once per row bucket (the cache length is dynamic: see kv_cache) and replayed
-    as CUDA graphs, one recorded per row bucket x cache length."""
+def compiled_decode_step(cuda=True):
+    """decode_step compiled once or twice per row bucket (the cache length is dynamic: see window) and, on CUDA,
+    replayed as CUDA graphs, one recorded per row bucket x attended window; inductor alone elsewhere."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    step = torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
 
     def run(*args):
-        torch.compiler.cudagraph_mark_step_begin()   # the last step's output is consumed: its memory may be reused
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()   # the last step's output is consumed: its memory may be reused
         return step(*args)
     return run
 
@@ -264,21 +266,42 @@ def padded_rows(n):
     return 1 << (n - 1).bit_length() if n <= 16 else -(-n // 16) * 16
 
 
+def rounded(slots):
+    return -(-slots // CACHE_ROUND) * CACHE_ROUND
+
+
 def kv_cache(model, shape, dtype, device, keep=False):
     """A KVCache of `shape` (layers, rows, kv_heads, length, head_dim). With `keep` (compiled decoding)
-    one cache per shape is kept on the model and reused, so a captured CUDA graph finds it at the same
-    address, and its length is marked dynamic: one compiled step serves every cache length (prompts
-    differ in length), with a CUDA graph recorded per length; the row buckets are compiled one by one."""
+    the caches of the last KEEP_CACHES shapes are kept on the model and reused, so a captured CUDA graph
+    finds its cache at the same address; one compiled step serves every cache length (prompts differ in
+    length: the length is marked dynamic); the row buckets are compiled one by one."""
     caches = model.__dict__.setdefault("_kv_caches", {}) if keep else {}
     if (shape, dtype) not in caches:
-        cache = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                        torch.ones(shape[1], shape[3], dtype=torch.bool, device=device),
-                        torch.arange(shape[3], device=device))
-        for tensor, length_dim in ((cache.k, 3), (cache.v, 3), (cache.valid, 1), (cache.slots, 0)) if keep else ():
+        layers, rows, kv_heads, length, head_dim = shape
+        new = [torch.zeros(rows, kv_heads, length, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
+        cache = KVCache(new[:layers], new[layers:], torch.ones(rows, length, dtype=torch.bool, device=device),
+                        torch.arange(length, device=device))
+        while len(caches) >= KEEP_CACHES:
+            caches.pop(next(iter(caches)))                 # the least recently used
+        caches[shape, dtype] = cache
+    caches[shape, dtype] = caches.pop((shape, dtype))      # now the most recently used
+    return caches[shape, dtype]
+
+
+def window(cache, slot, compiled=False):
+    """`cache` cut to its first slots up to `slot`, rounded up to CACHE_ROUND: a step attends over these only, so
+    its cost follows the current length. Views of the cache's own buffers, made once per size and reused, with
+    the length dynamic when `compiled`: one compiled step for every window that is the whole cache and one for
+    every shorter (strided) window, at fixed addresses for CUDA graphs."""
+    size = min(rounded(slot + 1), cache.slots.shape[0])
+    if size not in cache.windows:
+        cut = KVCache([k[:, :, :size] for k in cache.k], [v[:, :, :size] for v in cache.v], cache.valid[:, :size],
+                      cache.slots[:size])
+        for tensor, length_dim in [*((t, 2) for t in cut.k + cut.v), (cut.valid, 1), (cut.slots, 0)] if compiled else ():
             torch._dynamo.mark_static_address(tensor)
             torch._dynamo.maybe_mark_dynamic(tensor, length_dim)
-        caches[shape, dtype] = cache
-    return caches[shape, dtype]
+        cache.windows[size] = cut
+    return cache.windows[size]
 
 
 def first_stop_mask(completion_ids, stop_ids):

@@ -310,10 +310,38 @@ def test_refresh_gathers_fsdp2_shards(tmp_path):
     """)
 
 
-def test_sharded_policy_generates_what_the_plain_one_does(tmp_path):
+def test_the_sharded_policys_inference_copy_generates_what_the_plain_policy_does(tmp_path):
     run_sharded(tmp_path, """
         kw = dict(num_samples=2, temperature=1.3, max_new_tokens=12, seeds=[1, 2])
-        a, b = (R.generate(net, tok, ip, IMAGES, QUESTIONS, **kw) for net in (plain, policy))
+        a, b = (R.generate(net, tok, ip, IMAGES, QUESTIONS, **kw) for net in (plain, M.inference_copy(policy, torch.float32)))
         assert torch.equal(a.completion_ids, b.completion_ids)
-        assert isinstance(policy.get_parameter("model.language_model.layers.0.mlp.up_proj.weight"), DTensor)
+    """)
+
+
+def test_every_sharded_weight_is_a_dtensor_and_adamws_foreach_step_runs(tmp_path):
+    """CUDA's AdamW takes the batched foreach path, which refuses a mix of plain tensors and DTensors; CPU's
+    loops tensor by tensor unless told foreach kernels exist, as here."""
+    run_sharded(tmp_path, """
+        import types, train
+        from torch.optim import optimizer as adam_support
+        adam_support._get_foreach_kernels_supported_devices = lambda: ["cuda", "cpu"]
+        assert all(isinstance(q, DTensor) for q in policy.parameters())
+        optimizer, _ = train.make_optimizer(types.SimpleNamespace(policy=policy), 1e-3, 0.0, 10, 0.0, False)
+        for q in policy.parameters():
+            q.grad = torch.zeros_like(q)
+        optimizer.step()
+    """)
+
+
+def test_clipping_sharded_gradients_gives_the_plain_norm_and_scale(tmp_path):
+    run_sharded(tmp_path, """
+        ro = R.generate(plain, tok, ip, IMAGES, QUESTIONS, num_samples=2, max_new_tokens=8, seeds=[1, 2])
+        for net in (plain, policy):
+            M.completion_logprobs(net, ro.prompt, ro.completion_ids, 1.0, ro.suppress_ids).sum().backward()
+            parallel.sync_gradients(list(net.parameters()), 1)
+        norms = [parallel.clip_gradients(list(net.parameters()), 1e-3) for net in (plain, policy)]
+        assert abs(norms[0] - norms[1]) <= 1e-4 * norms[0]
+        sharded = dict(policy.named_parameters())
+        for name, q in plain.named_parameters():
+            assert torch.allclose(q.grad, sharded[name].grad.full_tensor(), atol=1e-9, rtol=1e-4), name
     """)

@@ -99,32 +99,51 @@ def test_every_decode_step_has_the_same_shapes(tiny, toy_inputs, monkeypatch):
     seen, step = [], R.decode_step
 
     def recording(model, cache, tokens, positions, slot):
-        seen.append((cache.k.data_ptr(), cache.k.shape, tokens.shape, positions.shape, slot.shape))
+        seen.append((cache.k[0].data_ptr(), cache.k[0].shape, tokens.shape, positions.shape, slot.shape))
         return step(model, cache, tokens, positions, slot)
     monkeypatch.setattr(R, "decode_step", recording)
     R.generate(*tiny, *toy_inputs, num_samples=3, max_new_tokens=20, ignore_eos=True)
     assert len(seen) == 19 and len(set(seen)) == 1
     (_, k_shape, tokens, _, _), = set(seen)
-    assert tokens[0] == k_shape[1] == 16 and k_shape[3] % R.CACHE_ROUND == 0
+    assert tokens[0] == k_shape[0] == 16 and k_shape[2] % R.CACHE_ROUND == 0
 
 
-def test_compiled_step_is_compiled_once_per_row_bucket(tiny, toy_inputs, monkeypatch):
-    """The step torch.compile captures (fullgraph: no graph breaks) compiles once for a row bucket, whatever
-    the step, the call or the cache length (a dynamic dimension), and gives the eager tokens. aot_eager
-    stands in for inductor + CUDA graphs."""
+def test_a_step_attends_over_the_slots_so_far_rounded_up(tiny, toy_inputs, monkeypatch):
+    seen, step = [], R.decode_step
+    monkeypatch.setattr(R, "decode_step", lambda model, cache, *a: seen.append(cache.k[0].shape[2]) or step(model, cache, *a))
+    prompt_len = M.build_inputs(*tiny[1:], *toy_inputs)["input_ids"].shape[1]
+    ro = R.generate(*tiny, *toy_inputs, num_samples=1, max_new_tokens=R.CACHE_ROUND + 8, ignore_eos=True)
+    assert seen == [R.rounded(prompt_len + t + 1) for t in range(ro.completion_ids.shape[1] - 1)]
+    assert seen[0] == R.CACHE_ROUND and seen[-1] == 2 * R.CACHE_ROUND
+
+
+def test_compiled_step_is_compiled_at_most_twice_per_row_bucket(tiny, toy_inputs, monkeypatch):
+    """The step torch.compile captures with inductor (fullgraph: no graph breaks) gives the eager tokens and
+    compiles at most twice for a row bucket, whatever the step, the call, the cache length or the attended
+    window (dynamic dimensions): once for a window that is its whole cache, once for one shorter than its
+    cache (strided). CUDA graphs, on top of it on a GPU, are not tested here."""
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend("inductor")
     step = torch.compile(R.decode_step, backend=counter, fullgraph=True, dynamic=False)
-    monkeypatch.setattr(R, "compiled_decode_step", lambda: step)
+    monkeypatch.setattr(R, "compiled_decode_step", lambda cuda: step)
     prompt_len = M.build_inputs(*tiny[1:], *toy_inputs)["input_ids"].shape[1]
-    longer = R.CACHE_ROUND - prompt_len + 1                  # one slot past the first cache length
-    for m, new_tokens, compiles in [(2, 12, 1), (2, 12, 1), (2, longer, 1), (1, 12, 2)]:
+    longer = R.CACHE_ROUND - prompt_len + 2                  # into the second cache length and window
+    for m, new_tokens, compiles in [(2, 12, 1), (2, longer, 2), (2, 12, 2), (1, 12, 3)]:
         kw = dict(num_samples=m, temperature=1.3, max_new_tokens=new_tokens, seeds=[1, 2, 3, 4], ignore_eos=True)
         compiled = R.generate(*tiny, *toy_inputs, compile=True, **kw)
         assert torch.equal(compiled.completion_ids, R.generate(*tiny, *toy_inputs, **kw).completion_ids)
         assert counter.frame_count == compiles
     assert {R.CACHE_ROUND, 2 * R.CACHE_ROUND} <= {shape[3] for shape, _ in tiny[0]._kv_caches}
+
+
+def test_compiled_decoding_keeps_the_caches_of_a_few_shapes(tiny):
+    model = type("Model", (), {})()
+    for length in range(1, R.KEEP_CACHES + 3):
+        R.kv_cache(model, (1, 1, 1, length, 2), torch.float32, "cpu", keep=True)
+    R.kv_cache(model, (1, 1, 1, 3, 2), torch.float32, "cpu", keep=True)     # used again: now the most recent
+    R.kv_cache(model, (1, 1, 1, 99, 2), torch.float32, "cpu", keep=True)
+    assert [shape[3] for shape, _ in model._kv_caches] == [5, 6, 3, 99]
 
 
 def test_generation_prints_no_deprecation_warning(tiny, toy_inputs):

@@ -300,7 +300,7 @@ from training import parallel
 run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--stage", "rl", "--data", "toy", "--fsdp", "--prompts_per_step", "1",
                             "--num_generations", "2", "--max_new_tokens", "8", "--micro_batch", "2", "--eval_n", "0"]))
 run.reference = T.load_reference(run)
-sharded = lambda net: all(isinstance(q, DTensor) for b in parallel.blocks(net) for q in b.parameters())
+sharded = lambda net: all(isinstance(q, DTensor) for q in net.parameters())   # blocks and root
 batch = T.collect(run, 0)
 prompt, ids, _ = batch.rollout.rows([0, 1])
 with torch.no_grad():
@@ -314,7 +314,7 @@ json.dump(state, open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
 """
 
 
-def test_fsdp_blocks_reshard_after_forward_and_the_reference_stays_sharded(tmp_path):
+def test_fsdp_units_reshard_after_forward_and_the_reference_stays_sharded(tmp_path):
     (tmp_path / "probe.py").write_text(FSDP_PROBE)
     res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -7,20 +7,24 @@ that (a) the loop can call the model's parts directly (chunked log-probs need th
 (b) a parameter that got no gradient on a rank, e.g. the vision tower when a rank saw no image,
 counts as zero instead of hanging DDP, and (c) accumulation needs no `no_sync`.
 
-FSDP (`--fsdp`): each text decoder layer and vision block keeps 1/world of its weights, gradients
-and AdamW state (`torch.distributed.fsdp.fully_shard`); embeddings, LM head and norms stay
-replicated and are averaged like data parallel. A block gathers its weights for its forward and
-frees them right after (and again for backward), so at most one block is whole at a time. Ranks
-must therefore run the same number of forwards: the loop pads micro-batch counts across ranks
-(`lockstep`), and sampling reads an unsharded inference copy of the weights (model.py).
+FSDP (`--fsdp`): every weight, gradient and AdamW state is split 1/world over ranks
+(`torch.distributed.fsdp.fully_shard`): each text decoder layer and vision block is one unit, and the
+root unit holds the rest (embeddings, LM head, norms, vision merger). A unit gathers its weights for
+its forward and frees them right after (and again for backward), so at most one block is whole at a
+time, beside the root's weights while a forward or backward runs. Ranks must therefore run the same
+number of forwards: the loop pads micro-batch counts across ranks (`lockstep`), and sampling reads an
+unsharded inference copy of the weights (model.py).
 """
 import os
+import types
 
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+
+import model as M
 
 
 def setup():
@@ -41,11 +45,20 @@ def blocks(net):
 
 
 def shard(net):
-    """Shard every block. `reshard_after_forward=True` is explicit: each block is its own FSDP root, and
-    a root left to the default keeps its weights gathered after forward, so every block of the frozen
-    reference would stay whole after its first pass."""
+    """FSDP2's usual form: each block is a unit, and the root holds the rest (embeddings, LM head, norms,
+    vision merger), so every trainable weight is a shard and AdamW's batched (foreach) path, CUDA's default,
+    sees only DTensors. Scoring (model.completion_logprobs) calls the trunk and reads the LM head's weight
+    instead of the root's forward, so `score_tokens` is registered as a forward of the root: FSDP gathers the
+    root's weights around it, again for its backward, and reduce-scatters their gradients.
+
+    `reshard_after_forward=True` everywhere, the root included, which by default keeps its weights whole
+    from forward to the end of backward: without a backward (the frozen reference) they would stay whole,
+    and for the policy it bounds memory to one gathered block plus the root's weights while in use."""
     for block in blocks(net):
         fully_shard(block, reshard_after_forward=True)
+    fully_shard(net, reshard_after_forward=True)
+    net.score_tokens = types.MethodType(M.score_tokens, net)
+    register_fsdp_forward_method(net, "score_tokens")
     return net
 
 
@@ -70,7 +83,8 @@ def lockstep(jobs, fsdp, distributed):
 
 
 def sync_gradients(params, world):
-    """Average replicated gradients over ranks; FSDP already reduce-scattered (and averaged) its shards."""
+    """Average replicated gradients over ranks (data parallel); FSDP already reduce-scattered (and averaged) its
+    shards. A parameter without a gradient gets zeros, so every rank reduces the same tensors."""
     for q in params:
         if q.grad is None:
             q.grad = torch.zeros_like(q)
@@ -80,13 +94,10 @@ def sync_gradients(params, world):
 
 
 def clip_gradients(params, max_norm):
-    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
-    sq = 0.0
-    for q in params:
-        if q.grad is not None:   # a shard's squared norm is summed over ranks by full_tensor()
-            g = q.grad.float()
-            sq = sq + (g.pow(2).sum().full_tensor() if isinstance(g, DTensor) else g.pow(2).sum())
-    norm = float(sq) ** 0.5
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before. Under FSDP
+    every gradient is a shard: the squared norms add up as one partial sum, reduced over ranks once."""
+    sq = sum(q.grad.float().pow(2).sum() for q in params if q.grad is not None)
+    norm = float(sq.full_tensor() if isinstance(sq, DTensor) else sq) ** 0.5
     if norm > max_norm:
         for q in params:
             if q.grad is not None:
