@@ -13,7 +13,8 @@ and a re-run with the same --out generates only what is missing. The first line 
 produced it (model, a fingerprint of its weights, prompt, max_new_tokens, data); a run with different
 settings refuses to add to it (use a new --out, or --overwrite). The last line printed is a JSON summary
 (headline number, breakdowns, counts of everything skipped); it is also written to <out stem>.summary.json.
-Per benchmark (loader, scorer, metrics, headline): benchmarks/catalog.py; answer rules: benchmarks/scorers.py.
+Per benchmark (loader, scorer, metrics, headline): benchmarks/catalog.py; answer rules: benchmarks/scorers.py;
+what training's held-out evaluation shares with this file (records, question, image, verdicts): benchmarks/harness.py.
 
 Record ids, the "id" of a predictions line (a data file's own identifiers):
 | bench | official files | VLMEvalKit TSV | HF parquet |
@@ -54,10 +55,7 @@ numbers came from VLMEvalKit (its own prompts, images of 1003520 to 12845056 pix
 pixel range here is model.py's, as in training (see --min_pixels / --max_pixels / --max_prompt_len).
 """
 import argparse
-import base64
-import binascii
 import hashlib
-import io
 import json
 import logging
 import sys
@@ -65,20 +63,18 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import model
-import rewards
 import rollout
-from benchmarks import catalog, scorers
+from benchmarks import harness
+from benchmarks.harness import final_answer, headline, metrics, open_image, question, score  # noqa: F401 (shared with training)
 from qwen import tiny
 from toy import task as toy
-from training import data
 
 log = logging.getLogger("evaluate")
-BENCHES = [*catalog.BENCHES, "toy"]
+BENCHES = harness.BENCHES
 BENCH_MAX_NEW_TOKENS = 2048                            # the paper's evaluation budget
 TOY_MAX_NEW_TOKENS = toy.MAX_NEW_TOKENS   # the toy preset's, as in training
 
@@ -165,29 +161,6 @@ def open_out(out, produced_by, overwrite):
 
 
 # ----------------------------------------------------------------------------- generation
-def open_image(sources):
-    """One RGB image from a record's sources (data.load_image on each); several are pasted side by side on white."""
-    images = []
-    for src in sources:
-        if isinstance(src, tuple):                     # ("error", why): a source the loader could not resolve
-            raise ValueError(src[1])
-        if isinstance(src, str):
-            try:
-                src = base64.b64decode(src, validate=False)
-            except (binascii.Error, ValueError) as e:
-                raise ValueError(f"cannot decode a base64 image: {e}") from e
-        images.append(data.load_image(io.BytesIO(src) if isinstance(src, bytes) else src))
-    if len(images) < 2:
-        if not images:
-            raise ValueError("record has no image")
-        return images[0]
-    canvas, x = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white"), 0
-    for img in images:
-        canvas.paste(img, (x, 0))
-        x += img.width
-    return canvas
-
-
 def generate(recs, preds, args, out_path, counts):
     """Greedy answers for the records without a prediction, appended to out_path batch by batch."""
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
@@ -215,7 +188,7 @@ def generate_batch(chunk, preds, args, out_path, counts, policy, tokenizer, imag
             log.warning("%s: skipped, %s", r["id"], e)
     if not batch:
         return
-    questions = [r["problem"] if args.bench == "toy" else catalog.question_text(r, args.prompt) for r in batch]
+    questions = [question(r, args.bench, args.prompt) for r in batch]
     try:
         ro = rollout.generate(policy, tokenizer, image_processor, images, questions, num_samples=1, greedy=True,
                               max_new_tokens=args.max_new_tokens, style=args.prompt, compile=args.compile,
@@ -235,52 +208,6 @@ def generate_batch(chunk, preds, args, out_path, counts, policy, tokenizer, imag
 
 
 # ----------------------------------------------------------------------------- scoring
-def final_answer(text, prompt, counts):
-    """r1vl: the text after the final-answer header (else the whole reply, counted); plain: the whole reply."""
-    if prompt == "plain":
-        return text
-    answer = rewards.extract_answer(text)
-    if answer is None:
-        counts["no_final_answer"] += 1
-        return text
-    return answer
-
-
-def score(bench, recs, preds, prompt, counts, extracted=False):
-    """Correct or not, per record (no or an empty prediction is wrong); toy also gives format validity.
-    `extracted`: the predictions are final answers already (MathVista: GPT-4's extractions)."""
-    flags, valid = [], []
-    for r in recs:
-        text = preds.get(r["id"])
-        counts["missing_predictions" if text is None else "empty_predictions"] += not (text or "").strip()
-        if not (text or "").strip():
-            flags.append(False)
-            valid.append(0.0)
-            continue
-        answer = text if extracted else final_answer(rewards.visible_reply(text), prompt, counts)
-        if bench == "toy":
-            valid.append(rewards.step_rvr(text))
-            flags.append(bool(rewards.is_correct(answer, r["answer"])))
-        elif bench == "mathvista":
-            flags.append(bool(scorers.score_mathvista(r, answer, extracted=extracted)))
-        else:
-            flags.append(bool(catalog.BENCHES[bench].score(r, answer)))
-    return flags, valid
-
-
-def metrics(bench, recs, flags, valid=()):
-    """The benchmark's metrics in percent; the toy's as fractions in [0, 1], as train.py reports them."""
-    if bench == "toy":
-        n = max(len(flags), 1)
-        return {"accuracy": round(sum(flags) / n, 4), "format_valid": round(sum(valid) / n, 4),
-                "correct": sum(flags), "total": len(flags)}
-    return catalog.metrics(bench, recs, flags)
-
-
-def headline(bench):
-    return "accuracy" if bench == "toy" else catalog.BENCHES[bench].headline
-
-
 # ----------------------------------------------------------------------------- CLI
 class ShowDefaults(argparse.HelpFormatter):
     """Every flag's help ends with its default, unless the help already says it."""
@@ -344,11 +271,8 @@ def check_inputs(args):
 
 
 def load_records(args):
-    if args.bench == "toy":
-        recs = toy.dataset(split="test", n=args.limit or 200, seed=0, difficulty=args.difficulty)
-        return [dict(r, images=[r["image"]]) for r in recs]
     try:
-        return catalog.load(args.bench, args.data, args.image_root)
+        return harness.load(args.bench, args.data, args.image_root, toy_n=args.limit or 200, difficulty=args.difficulty)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"cannot read {args.bench} data: {e}")
 

@@ -186,6 +186,16 @@ def step_rvr(completion):
     final-answer header with a non-empty answer. Logical: description, rationale (optional "Let's
     think step by step."), steps numbered 1..n in order, the answer last. Judged on the visible reply.
     """
+    return 0.0 if validity_failure(completion) else 1.0
+
+
+VALIDITY_RULES = ("missing_section", "step_numbering", "answer_not_last", "wrong_order")
+
+
+def validity_failure(completion):
+    """The first rule of Eq. 3 that a completion breaks (one of VALIDITY_RULES), or None when it is valid:
+    a section missing, empty or repeated; steps not numbered 1..n; the answer not after the last step;
+    description, rationale and steps out of order."""
     secs = _sections(visible_reply(completion)) if isinstance(completion, str) else []
     kinds = [kind for kind, _, _ in secs]
     steps = [i for i, kind in enumerate(kinds) if kind == "step"]
@@ -194,12 +204,43 @@ def step_rvr(completion):
                 and all(body for kind, _, body in secs if kind in ("desc", "rat", "step"))
                 and extract_answer(completion) is not None)
     if not complete:
-        return 0.0
-    numbered = [secs[i][1] for i in steps] == list(range(1, len(steps) + 1))
+        return "missing_section"
+    if [secs[i][1] for i in steps] != list(range(1, len(steps) + 1)):
+        return "step_numbering"
+    if kinds[-1] != "answer":
+        return "answer_not_last"
     head = [kinds.index("desc"), kinds.index("rat")] + ([kinds.index("think")] if "think" in kinds else [])
     contiguous = steps == list(range(steps[0], steps[-1] + 1))
-    in_order = head == sorted(head) and head[-1] < steps[0] and contiguous
-    return 1.0 if numbered and kinds[-1] == "answer" and in_order else 0.0
+    return None if head == sorted(head) and head[-1] < steps[0] and contiguous else "wrong_order"
+
+
+def key_step_spans(completion, matched):
+    """Where each matched key step (match_key_steps' `matched`) stands in the completion: [start, end] character
+    offsets within its step sections, or None. The match itself is made on normalised text, so a span is the
+    alternative where it occurs as written, else the line that holds its normalised form, else its closest
+    stretch (a typo): for showing, not for scoring."""
+    text = completion if isinstance(completion, str) else ""
+    offset = text.rfind("</think>") + len("</think>") if "</think>" in text else 0
+    heads = list(_HEADER.finditer(text, offset))
+    first = next((m.start() for m in heads if m.group(2)), None)
+    if first is None:
+        return [None] * len(matched)
+    end = next((m.start() for m in heads if m.start() > first and m.group(1)[:3].lower() == "the"), len(text))
+    region, spans = text[first:end].lower(), []
+    for alt in matched:
+        if alt is None:
+            spans.append(None)
+            continue
+        tokens = _TOKEN.findall(alt.lower())              # any spacing between tokens: "blue = 1" ~ "blue=1"
+        pre = r"(?<![\d.])" if alt[0].isdigit() else r"(?<![a-z])" if alt[0].isalpha() else ""
+        found = re.search(pre + r"\s*".join(map(re.escape, tokens)) + (r"(?!\.?\d)" if alt[-1].isdigit() else ""), region)
+        if not found:                                     # LaTeX or worded forms: the line that holds it
+            want = normalise(alt).rstrip(".")
+            found = next((m for m in re.finditer(r"[^\n]+", region) if _found(want, normalise(m.group()))), None)
+        hit = None if found else fuzz.partial_ratio_alignment(alt.lower(), region, score_cutoff=FUZZY_THRESHOLD)
+        spans.append([first + found.start(), first + found.end()] if found else
+                     [first + hit.dest_start, first + hit.dest_end] if hit else None)
+    return spans
 
 
 def reward(completion, sample, kind="step", alpha=ALPHA):

@@ -27,8 +27,9 @@ import model as M, rewards
 from stepgrpo import group_advantages, policy_loss, sampling_mismatch
 from grading import official_rewards
 from qwen.tiny import TINY_MODELS
+from benchmarks import harness
 from toy import task as toy
-from training import checkpoint, data, logs, lora, parallel
+from training import checkpoint, data, heldout, logs, lora, parallel
 from training.setup import generate, load_model, lora_reference, open_images, setup
 
 
@@ -85,8 +86,13 @@ def parse_args(argv=None):
     g.add_argument("--sft_weight_decay", type=float, default=0.05, help="warm-up AdamW weight decay")
     g.add_argument("--drop_reflective", action="store_true", help="drop SFT samples with a self-correction step")
     g.add_argument("--derive_key_steps", action="store_true", help="derive missing key steps from the solution")
-    g.add_argument("--eval_every", type=int, default=0, help="held-out accuracy every N steps of a stage, and at its start (toy)")
-    g.add_argument("--eval_n", type=int, default=0, help="held-out questions (toy)")
+    g.add_argument("--eval_bench", default=None, choices=harness.BENCHES, help="held-out benchmark, scored greedily "
+                   "at each stage's end (training/heldout.py; toy: the default with --data toy and --eval_n > 0)")
+    g.add_argument("--eval_data", default=None, help="its file or folder, as evaluate.py --data")
+    g.add_argument("--eval_image_root", default=None, help="its image folder, as evaluate.py --image_root")
+    g.add_argument("--eval_limit", type=int, default=0, help="a fixed seeded subset of N records; 0 = all")
+    g.add_argument("--eval_every", type=int, default=0, help="also score it at each stage's start and every N steps")
+    g.add_argument("--eval_n", type=int, default=0, help="held-out questions of --eval_bench toy")
     g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
     g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
     g.add_argument("--difficulty", type=int, default=2, choices=sorted(toy.LEVELS), help="toy task level")
@@ -99,24 +105,6 @@ def parse_args(argv=None):
     if args.top_p < 1 and args.stage != "sft":
         p.error("--top_p < 1 samples from the nucleus, but the loss scores the full distribution: use --top_p 1 in RL")
     return args
-
-
-def heldout_accuracy(run, samples, step, stage="eval", batch=32):
-    """Greedy answers on held-out samples, split over ranks: (accuracy, format validity = mean StepRVR), both
-    fractions, also logged as a `stage` row at `step`: "eval" for the RL stage (0: its starting model),
-    "eval_sft" for the warm-up."""
-    correct, valid, mine = [], [], samples[run.rank::run.world]
-    for i in range(0, len(mine), batch):
-        chunk, images, _ = open_images(run, mine[i:i + batch])
-        ro = generate(run, chunk, images, num_samples=1, greedy=True)
-        for text, g in zip(ro.texts if ro else [], ro.group.tolist() if ro else []):
-            r = rewards.reward(text, chunk[ro.kept[g]], kind="step", alpha=run.args.alpha)
-            correct.append(float(r["correct"]))
-            valid.append(r["step_rvr"])
-    missing = [0.0] * (len(mine) - len(correct))         # skipped samples count as wrong
-    m = parallel.global_means(dict(accuracy=correct + missing, format_valid=valid + missing), run.device, run.ddp)
-    run.log.write("metrics.jsonl", dict(stage=stage, step=step, **m))
-    return m["accuracy"], m["format_valid"]
 
 
 # ----------------------------------------------------------------------------- optimisation and checkpoints
@@ -198,9 +186,8 @@ def sft(run):
     optimizer, scheduler = make_optimizer(run, a.sft_lr, a.sft_weight_decay, a.sft_steps, 0.03, True)
     start = checkpoint.restore(run, "sft", optimizer, scheduler)
     run.policy.train()
-    every = a.eval_every if run.eval_set else 0
-    if every and start == 0:
-        run.log.print(f"held-out accuracy before the warm-up: {heldout_accuracy(run, run.eval_set, 0, 'eval_sft')[0]:.3f}")
+    if start == 0:
+        heldout.at(run, "sft", 0)                       # the starting model, with --eval_every
     for step in tqdm(range(start, a.sft_steps), desc="SFT warm-up", initial=start, total=a.sft_steps, disable=not run.master):
         t0 = time.time()
         samples, images, _ = open_images(run, data.batch_at(run.sft_set, step, a.sft_batch, run.rank, run.world, a.seed + 7)[0])
@@ -214,8 +201,7 @@ def sft(run):
             loss /= run.world
         run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
-        if every and (step + 1) % every == 0 and step + 1 < a.sft_steps:   # main() scores the last step
-            heldout_accuracy(run, run.eval_set, step + 1, stage="eval_sft")
+        heldout.at(run, "sft", step + 1)                # every --eval_every steps, and the last
         end_of_step(run, "sft", step, start, a.sft_steps, optimizer, scheduler)
 
 
@@ -307,9 +293,8 @@ def rl(run):
     optimizer, scheduler = make_optimizer(run, a.lr, 0.0, a.max_steps * a.ppo_epochs, 0.0, False)
     start = checkpoint.restore(run, "rl", optimizer, scheduler)
     run.policy.train()        # gradient checkpointing acts only in train mode; the model has no dropout
-    every = a.eval_every if run.eval_set else 0
-    if every and start == 0 and a.stage == "rl":      # with --stage both, main() scored the warm-up as step 0
-        run.log.print(f"held-out accuracy before StepGRPO: {heldout_accuracy(run, run.eval_set, 0)[0]:.3f}")
+    if start == 0:
+        heldout.at(run, "rl", 0)                        # with --stage both, the warm-up's last score is step 0
     bar = tqdm(range(start, a.max_steps), desc="StepGRPO", initial=start, total=a.max_steps, disable=not run.master)
     for step in bar:
         t0 = time.time()
@@ -317,8 +302,7 @@ def rl(run):
         result = update(run, batch, optimizer, scheduler)      # reference log-probs, loss, optimizer step
         record = logs.log_rl_step(run, step, batch, result, time.time() - t0)  # metrics.jsonl, rollouts.jsonl
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
-        if every and (step + 1) % every == 0 and step + 1 < a.max_steps:   # main() scores the last step
-            heldout_accuracy(run, run.eval_set, step + 1)
+        heldout.at(run, "rl", step + 1)
         end_of_step(run, "rl", step, start, a.max_steps, optimizer, scheduler)
 
 
@@ -336,18 +320,10 @@ def main(argv=None):
             summary["sft_records"] = len(run.sft_set)
             if args.stage == "both":
                 save_pretrained(run, "warmup")
-            if run.eval_set:
-                # the RL stage's starting point (step 0) when one follows, else the warm-up's last step
-                at = (0, "eval") if args.stage == "both" else (args.sft_steps, "eval_sft")
-                summary["accuracy_warmup"], summary["format_warmup"] = heldout_accuracy(run, run.eval_set, *at)
-                run.log.print(f"held-out accuracy after warm-up: {summary['accuracy_warmup']:.3f}")
         if args.stage in ("rl", "both"):
             run.reference = load_reference(run)
             rl(run)
             summary["rl_records"] = len(run.train_set)
-            if run.eval_set:
-                summary["accuracy_rl"], summary["format_rl"] = heldout_accuracy(run, run.eval_set, args.max_steps)
-                run.log.print(f"held-out accuracy after StepGRPO: {summary['accuracy_rl']:.3f}")
     except KeyboardInterrupt:
         saved = checkpoint.stage_of(run.ckpt_path)
         where = f"the last checkpoint ({saved}) is in {os.path.dirname(run.ckpt_path)}" if saved else "no checkpoint was saved"

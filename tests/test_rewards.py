@@ -6,6 +6,7 @@ import pytest
 
 from grading import official_rewards as official
 from training.data import key_steps_from_solution
+import rewards
 from rewards import (ALPHA, MAX_STEP_CHARS, extract_answer, is_correct, match_key_steps, reward, step_rar, step_rvr,
                      validate_key_steps)
 
@@ -89,6 +90,27 @@ S2_FIRST = "### Step 2:\nAdding them gives 3 + 5 = 8."
 def test_step_rvr_follows_eq3(name, completion, expected, released):
     assert step_rvr(completion) == expected, name
     assert official.step_rvr(completion) == released, name
+
+
+@pytest.mark.parametrize("completion, rule", [
+    (GOOD, None),
+    (fmt(DESC, S1, S2, ANS), "missing_section"),                    # no rationale
+    (fmt(DESC, RAT, S1, ANS, ANS), "missing_section"),              # a section repeated
+    (fmt(DESC, RAT, S1, S3, ANS), "step_numbering"),
+    (fmt(DESC, RAT, S1, S2, ANS, "### Step 3:\nmore"), "answer_not_last"),
+    (fmt(DESC, S1, S2, RAT, ANS), "wrong_order"),
+])
+def test_validity_failure_names_the_rule_eq3_fails(completion, rule):
+    assert rewards.validity_failure(completion) == rule
+    assert step_rvr(completion) == float(rule is None)
+
+
+def test_key_step_spans_point_at_the_matched_text_in_the_steps():
+    text = fmt(DESC, RAT, "### Step 1:\nThere are 3 red and 5 blue=8 cells.", ANS)
+    k, matched = match_key_steps(text, [["3 red"], ["blue = 8"], ["green"]])
+    spans = rewards.key_step_spans(text, matched)
+    assert [text[a:b] for a, b in spans[:2]] == ["3 red", "blue=8"] and spans[2] is None
+    assert all(a > text.index("### Step 1") for a, _ in spans[:2])     # never in the description
 
 
 # ---------------------------------------------------------------------------- extract_answer

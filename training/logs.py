@@ -9,6 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import rewards
 from training import parallel
 
 
@@ -26,7 +27,7 @@ class Log:
             with open(os.path.join(self.dir, name), "a") as f:
                 f.write(json.dumps(finite(record)) + "\n")
             if self.wandb and name == "metrics.jsonl":
-                self.wandb.log(record)
+                self.wandb.log(flat(record, record["stage"] + "/") if record["stage"].startswith("eval") else record)
 
     def print(self, message):
         if self.master:
@@ -55,9 +56,24 @@ def log_rl_step(run, step, batch, result, seconds):
     record = rl_record(run, step, batch, result, seconds)
     run.log.write("metrics.jsonl", record)
     if run.args.log_rollouts_every and (step + 1) % run.args.log_rollouts_every == 0 and batch.rollout:
-        for text, sample, r in zip(batch.rollout.texts, batch.samples, batch.rewards):
-            run.log.write("rollouts.jsonl", dict(step=step + 1, id=sample.get("id"), completion=text, **r))
+        for row in range(len(batch.rewards)):
+            run.log.write("rollouts.jsonl", rollout_record(step, batch, row))
     return record
+
+
+def rollout_record(step, batch, row):
+    """One completion as the viewer (scripts/viewer.py) shows it: its prompt (the image by path), the reward's
+    parts with the failed validity rule and where the matched key steps stand in the text, its advantage."""
+    ro, sample, r, text = batch.rollout, batch.samples[row], batch.rewards[row], batch.rollout.texts[row]
+    solution, image = sample.get("solution"), sample.get("image_path") or sample.get("image")
+    gold = sample.get("answer") or (rewards.extract_answer(solution) if isinstance(solution, str) else None) or solution
+    key_steps = sample.get("key_steps")
+    return dict(step=step + 1, id=sample.get("id"), group=int(ro.group[row]), image=image if isinstance(image, str) else None,
+                question=sample.get("problem"), gold=gold,
+                key_steps=rewards.validate_key_steps(key_steps) if key_steps is not None else [], completion=text, **r,
+                invalid=rewards.validity_failure(text), spans=rewards.key_step_spans(text, r.get("matched") or []),
+                advantage=float(batch.advantages[row]), length=int(ro.completion_mask[row].sum()),
+                truncated=bool(ro.truncated[row]))
 
 
 def rl_record(run, step, batch, result, seconds):
@@ -91,14 +107,22 @@ def finite(record):
     return None if isinstance(record, float) and not math.isfinite(record) else record
 
 
+def flat(record, prefix=""):
+    """{"a": {"b": 1}} -> {"a/b": 1} (wandb draws scalars); held-out rows get their stage as a prefix."""
+    out = {}
+    for k, v in record.items():
+        out.update(flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def read(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def reward_summary(out_dir):
-    """Mean reward of the first and last 10 RL steps (None where no step had a sample) and the last SFT
-    loss, for the stages the run had."""
+    """Mean reward of the first and last 10 RL steps (None where no step had a sample), the last SFT loss and
+    the last held-out score of each stage (its headline metric, and its whole row), for the stages the run had."""
     rows, out = read(out_dir), {}
     rl = [r.get("reward") for r in rows if r["stage"] == "rl"]
     if rl:
@@ -106,12 +130,18 @@ def reward_summary(out_dir):
         out.update(reward_first=mean([x for x in rl[:10] if x is not None]),
                    reward_last=mean([x for x in rl[-10:] if x is not None]))
     sft = [r["loss"] for r in rows if r["stage"] == "sft"]
+    for stage, tag in (("eval_sft", "warmup"), ("eval", "rl")):   # the last held-out score of each stage
+        held = max((r for r in rows if r["stage"] == stage), key=lambda r: r["step"], default=None)
+        if held:
+            out[f"{held['headline']}_{tag}"] = held[held["headline"]]
+            out.update({f"format_{tag}": held["format_valid"]} if "format_valid" in held else {})
+            out[f"heldout_{tag}"] = {k: v for k, v in held.items() if k != "stage"}
     return {**out, **({"sft_loss_last": sft[-1]} if sft else {})}
 
 
 def plot_curves(out_dir):
     """metrics.jsonl → training_curves.png: the panels the run has data for (SFT loss; RL reward parts,
-    accuracy, KL, completion length); faint lines every step, solid a trailing mean."""
+    accuracy, KL, completion length; the held-out score of each stage); faint lines every step, solid a trailing mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,9 +151,10 @@ def plot_curves(out_dir):
     series = {(stage, k): [(r["step"], r[k]) for r in rows if r["stage"] == stage and r.get(k) is not None]
               for stage, keys in panels for k in keys}
     panels = [(stage, keys) for stage, keys in panels if any(series[stage, k] for k in keys)]
-    if not panels:
+    held = [r for r in rows if r["stage"] in ("eval_sft", "eval")]
+    if not panels and not held:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels) + bool(held), figsize=(4 * (len(panels) + bool(held)), 3.2), squeeze=False)
     for ax, (stage, keys) in zip(axes[0], panels):
         for k in keys:
             if not series[stage, k]:
@@ -132,10 +163,15 @@ def plot_curves(out_dir):
             w = max(1, min(10, len(y) // 5))           # short runs: a short window, still readable
             line, = ax.plot(x, y, lw=0.6, alpha=0.35)
             ax.plot(x[w - 1:], [sum(y[i + 1 - w:i + 1]) / w for i in range(w - 1, len(y))], color=line.get_color(), label=k)
-        held = [(r["step"], r["accuracy"]) for r in rows if r["stage"] == "eval"]
-        if "accuracy" in keys and held:
-            ax.plot(*zip(*held), "ko-", ms=4, label="held-out, greedy")
         ax.set_title(f"{stage}: {', '.join(keys)}", fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=7)
+    if held:                                   # each stage's held-out score against that stage's steps
+        ax = axes[0][-1]
+        for stage, label, style in (("eval_sft", "warm-up", "s--"), ("eval", "StepGRPO", "o-")):
+            points = sorted((r["step"], r[r["headline"]]) for r in held if r["stage"] == stage)
+            if points:
+                ax.plot(*zip(*points), style, ms=4, label=label)
+        ax.set_title(f"held-out {held[-1]['bench']}, greedy: {held[-1]['headline']}", fontsize=9)
+        ax.set_xlabel("step of the stage"), ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=110)
     plt.close(fig)

@@ -19,7 +19,7 @@ import model as M
 import rollout
 from qwen import tiny
 from toy import task as toy
-from training import checkpoint, data, lora, logs, parallel
+from training import checkpoint, data, heldout, lora, logs, parallel
 
 
 @dataclasses.dataclass
@@ -58,11 +58,10 @@ def load_data(args):
     the loaders; a file with nothing usable is an error."""
     if args.data == "toy":
         train = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
-        held = toy.dataset("test", n=args.eval_n, seed=args.seed, difficulty=args.difficulty) if args.eval_n else []
-        return [{**s, "response": s["teacher_solution"]} for s in train], train, held
+        return [{**s, "response": s["teacher_solution"]} for s in train], train, heldout.records(args)
     sft = data.load_sft_data(args.data, args.image_root, drop_reflective=args.drop_reflective) if args.stage != "rl" else []
     rl = data.load_rl_data(args.data, args.image_root, derive_key_steps=args.derive_key_steps) if args.stage != "sft" else []
-    return sft, rl, []
+    return sft, rl, heldout.records(args)
 
 
 def compute_dtype(args, device):
