@@ -125,7 +125,7 @@ def read_predictions(path, counts, known=None):
     preds, header = {}, None
     if not Path(path).is_file():
         return preds, header
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+    for n, line in enumerate(open(path, encoding="utf-8-sig"), 1):   # a byte-order mark is not part of line 1
         try:
             row = json.loads(line)
             if n == 1 and isinstance(row, dict) and "produced_by" in row:
@@ -166,7 +166,8 @@ def open_out(out, produced_by, overwrite):
 
 # ----------------------------------------------------------------------------- generation
 def open_image(sources):
-    """One RGB image from a record's sources (data.load_image on each); several are pasted side by side on white."""
+    """One RGB image from a record's sources (data.load_image on each); several are pasted side by side on white.
+    ValueError for a source that cannot be read or a size the image processor refuses (data.check_size)."""
     images = []
     for src in sources:
         if isinstance(src, tuple):                     # ("error", why): a source the loader could not resolve
@@ -181,6 +182,7 @@ def open_image(sources):
         if not images:
             raise ValueError("record has no image")
         return images[0]
+    data.check_size(sum(i.width for i in images), max(i.height for i in images))
     canvas, x = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white"), 0
     for img in images:
         canvas.paste(img, (x, 0))
