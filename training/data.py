@@ -53,7 +53,7 @@ def _to_8bit(image):
     if image.mode == "F" and 0 <= lo and hi <= 1:
         lo, hi = 0.0, 1.0
     scaled = (pixels - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
-    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
 def load_image(src, max_pixels=None):
