@@ -37,7 +37,7 @@ MAY_CHANGE = {
     "fsdp", "gradient_checkpointing", "compile", "micro_batch",          # how the same update is computed
     "prompts_per_step", "grad_accum", "sft_batch",                       # if the global batch stays the same
 }
-GLOBAL_BATCH = {"rl": ("prompts_per_step", "grad_accum"), "sft": ("sft_batch",)}   # × the number of ranks
+GLOBAL_BATCH = {"rl": ("prompts_per_step", "grad_accum"), "sft": ("sft_batch",)}   # × ranks, of the stages to come
 
 
 def read(path):
@@ -86,7 +86,7 @@ def check_resume(args, state, world):
             f"--{k} is {given[k]!r} (checkpoint: {saved[k]!r})" for k in fixed) +
             f": use another --out_dir, or --overwrite to start afresh")
     ranks = len(state["rng"])
-    for flags in GLOBAL_BATCH.values():
+    for flags in [GLOBAL_BATCH[s] for s in ("sft", "rl") if s == stage or (s == "rl" and args.stage == "both")]:
         before, now = ranks * math.prod(saved.get(f, 1) for f in flags), world * math.prod(given[f] for f in flags)
         if before != now:
             raise SystemExit(f"error: --resume must keep the global batch ({' × '.join(flags)} × ranks): the checkpoint's "
