@@ -548,3 +548,19 @@ def test_a_failed_save_removes_its_partial_file_names_the_last_good_checkpoint_a
                               f"the last good checkpoint (rl, step 1) is {ckpt}: free space, then continue with --resume")
     assert os.listdir(out / "checkpoint") == ["ckpt.pt"] and checkpoint.read(str(ckpt))["step"] == 1
     assert not (out / "final").exists()
+
+
+def test_fsdp_rl_rank_with_every_prompt_skipped_runs_a_placeholder_and_every_skip_is_counted(tmp_path):
+    """Two records with images, one of them a JPEG cut short (its header passes the loader), one record whose image
+    is missing: at each of the 2 steps one rank gets only the cut JPEG and runs weight-0 rows in lockstep. The
+    summary counts the cut JPEG once (a record, not each time a rank met it) and the load-time skip by reason."""
+    bad_image_sft_file(tmp_path)
+    rows = [{"image_path": name, "problem": "What colour?", "solution": "### The final answer is: red",
+             "key_steps": {"Steps": [["red"]]}} for name in ("good.png", "cut.jpg", "gone.png")]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = torchrun(os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "out"), "--data", str(tmp_path / "rl.jsonl"),
+                   *TINY_RL[:4], *TINY_RL[6:], "--max_steps", "2", "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["skipped"]["bad_image"] == 1 and summary["skipped"]["rl_data"] == {"missing image": 1}
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]
