@@ -121,7 +121,7 @@ def read_predictions(path, counts, known=None):
     preds, header = {}, None
     if not Path(path).is_file():
         return preds, header
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+    for n, line in enumerate(open(path, encoding="utf-8-sig"), 1):   # a byte-order mark is not part of line 1
         try:
             row = json.loads(line)
             if n == 1 and isinstance(row, dict) and "produced_by" in row:

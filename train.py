@@ -30,7 +30,7 @@ from qwen.tiny import TINY_MODELS
 from benchmarks import harness
 from toy import task as toy
 from training import checkpoint, data, heldout, logs, lora, parallel
-from training.setup import generate, load_model, lora_reference, open_images, setup
+from training.setup import all_skips, generate, load_model, lora_reference, open_images, placeholder_rollout, setup
 
 
 # ----------------------------------------------------------------------------- config
@@ -143,8 +143,9 @@ def optimizer_step(run, optimizer, scheduler, loss_value):
 
 def end_of_step(run, stage, step, start, last, optimizer, scheduler):
     if (step + 1) % run.args.save_every == 0 or step + 1 == last:
-        checkpoint.save(run.ckpt_path, stage, step + 1, run.policy, optimizer, scheduler,
-                        dict(skipped=run.skipped, config=vars(run.args)), run.args.fsdp, run.ddp, run.master)
+        skipped, bad_images = all_skips(run)
+        checkpoint.save(run.ckpt_path, stage, step + 1, run.policy, optimizer, scheduler, dict(
+            skipped=skipped, bad_images=bad_images, config=vars(run.args)), run.args.fsdp, run.ddp, run.master)
     if run.args.stop_after and step + 1 - start == run.args.stop_after:
         raise SystemExit(f"stopped after {run.args.stop_after} steps; continue with --resume")
 
@@ -240,13 +241,15 @@ def collect(run, step):
 def update(run, batch, optimizer, scheduler):
     """Reference log-probs, the loss of Eq. 5 over micro-batches of rows, one optimizer step. The loss is divided
     by the global count of completions (or tokens), so micro-batches and ranks add up to the global mean."""
-    a, ro, timer = run.args, batch.rollout, batch.seconds
+    a, ro, adv, timer = run.args, batch.rollout, batch.advantages, batch.seconds
     jobs = micro_batches(run, batch)
+    if jobs and ro is None:                   # FSDP, every prompt of this rank skipped: weight-0 rows in lockstep
+        ro, adv = placeholder_rollout(run), torch.zeros(1, device=run.device)
     with timer("reference"), torch.no_grad(), run.amp, lora.adapters_off(run.reference):
         ref = [M.completion_logprobs(run.reference, *ro.rows(rows)[:2], a.temperature, ro.suppress_ids)
                if a.beta else None for rows, _ in jobs]
     with timer("update"):
-        n = 0 if ro is None else float(ro.completion_mask.sum()) if a.loss_norm == "token" else len(batch.rewards)
+        n = 0 if not batch.rewards else float(ro.completion_mask.sum()) if a.loss_norm == "token" else len(batch.rewards)
         count = torch.tensor(float(n), device=run.device)
         if run.ddp:
             dist.all_reduce(count)
@@ -257,7 +260,7 @@ def update(run, batch, optimizer, scheduler):
                 sampled = ro.logprobs[rows, :ids.shape[1]]
                 with run.amp:
                     logp = M.completion_logprobs(run.policy, prompt, ids, a.temperature, ro.suppress_ids)
-                loss, st = policy_loss(logp, old[j], ref[j], batch.advantages[rows], mask, a.beta, a.clip_eps,
+                loss, st = policy_loss(logp, old[j], ref[j], adv[rows], mask, a.beta, a.clip_eps,
                                        a.loss_norm, denom=count.clamp(min=1) / run.world,
                                        sampler_logp=sampled if a.tis_cap else None, tis_cap=a.tis_cap)
                 (loss * weight).backward()
@@ -325,14 +328,13 @@ def main(argv=None):
             rl(run)
             summary["rl_records"] = len(run.train_set)
     except KeyboardInterrupt:
-        saved = checkpoint.stage_of(run.ckpt_path)
-        where = f"the last checkpoint ({saved}) is in {os.path.dirname(run.ckpt_path)}" if saved else "no checkpoint was saved"
-        raise SystemExit(f"\ninterrupted: {where}; continue with: python {' '.join(sys.argv)} --resume")
+        raise SystemExit(f"\ninterrupted: {checkpoint.last_good(run.ckpt_path)}; continue with: python {' '.join(sys.argv)} --resume")
     save_pretrained(run, "final")
+    skipped = all_skips(run)[0]
     if run.master:
         logs.plot_curves(args.out_dir)
         summary.update(logs.reward_summary(args.out_dir), seconds=round(time.time() - t_start, 1),
-                       skipped=run.skipped, out_dir=args.out_dir)
+                       skipped=skipped, out_dir=args.out_dir)
         run.log.finish()
         print(json.dumps(logs.finite(summary)))
     if run.ddp:

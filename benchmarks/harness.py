@@ -45,7 +45,8 @@ def question(rec, bench, prompt="r1vl"):
 
 
 def open_image(sources):
-    """One RGB image from a record's sources (data.load_image on each); several are pasted side by side on white."""
+    """One RGB image from a record's sources (data.load_image on each); several are pasted side by side on white.
+    ValueError for a source that cannot be read or a size the image processor refuses (data.check_size)."""
     images = []
     for src in sources:
         if isinstance(src, tuple):                     # ("error", why): a source the loader could not resolve
@@ -60,6 +61,7 @@ def open_image(sources):
         if not images:
             raise ValueError("record has no image")
         return images[0]
+    data.check_size(sum(i.width for i in images), max(i.height for i in images))
     canvas, x = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white"), 0
     for img in images:
         canvas.paste(img, (x, 0))

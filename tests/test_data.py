@@ -215,3 +215,105 @@ def test_sft_loader_drops_reflective_samples_only_on_request(folder):
     stats = {}
     assert len(data.load_sft_data(path, stats=stats, drop_reflective=True)) == 1
     assert stats["skipped"] == {"reflective (dropped on request)": 1}
+
+
+# ---------------------------------------------------------------------------- what a real file may hold
+def gradient(mode, top):
+    """A 64x64 left-to-right ramp from 0 to `top` in `mode`."""
+    import numpy as np
+    ramp = np.tile(np.linspace(0, top, 64), (64, 1))
+    return Image.fromarray(ramp.astype({"I;16": np.uint16, "F": np.float32}[mode]))
+
+
+@pytest.mark.parametrize("mode, top, suffix", [("I;16", 65535, "png"), ("I;16", 4000, "png"), ("F", 1.0, "tiff"),
+                                               ("F", 900.0, "tiff")])
+def test_high_bit_depth_images_keep_their_range_instead_of_clipping_to_white(tmp_path, mode, top, suffix):
+    gradient(mode, top).save(tmp_path / f"x.{suffix}")
+    row = [data.load_image(str(tmp_path / f"x.{suffix}")).getpixel((x, 32))[0] for x in range(64)]
+    assert row[0] == 0 and row[-1] == 255 and 120 <= row[32] <= 135      # the ramp survives, end to end
+    assert row == sorted(row)
+
+
+@pytest.mark.parametrize("size", [(4000, 2), (2, 600)])
+def test_a_very_thin_image_is_refused_where_images_are_opened(size):
+    with pytest.raises(ValueError, match="aspect ratio 200 or more"):
+        data.load_image(Image.new("RGB", size))
+
+
+def test_a_decompression_bomb_is_a_value_error_not_a_pil_traceback(tmp_path, monkeypatch):
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)       # PIL's limit, scaled down: 300x300 is 90 times over
+    with pytest.raises(ValueError, match="exceeds limit of 2000 pixels"):
+        data.load_image(io.BytesIO(buf.getvalue()))
+
+
+def test_thin_and_oversized_images_are_counted_skips_at_load_time(folder, monkeypatch):
+    Image.new("RGB", (4000, 2)).save(folder / "thin.png")
+    Image.new("RGB", (100, 100)).save(folder / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    stats = {}
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl(image="thin.png"), rl(image="big.png"), rl()]),
+                            stats=stats)
+    assert len(out) == 1 and stats["skipped"] == {"unusable image": 2}
+
+
+def test_two_paths_relocating_to_one_file_are_skipped_as_ambiguous(folder, caplog):
+    Image.new("RGB", (28, 28), "green").save(folder / "imgs" / "good.png")
+    rows = [rl(image="/data/setA/good.png"), rl(image="/data/setB/good.png"), rl(image="/data/setA/b.png"),
+            rl(image="/data/setA/b.png")]                    # one name twice: one image, not ambiguous
+    stats = {}
+    with caplog.at_level(logging.WARNING, logger="data"):
+        out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", rows), folder / "imgs", stats=stats)
+    assert stats["skipped"] == {"ambiguous image path": 2}
+    assert [r["image_path"] for r in out] == [str(folder / "imgs" / "b.png")] * 2 and stats["relocated_images"] == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("ambiguous image path (lines 1, 2;" in m for m in lines)
+    assert any("2 image path(s) not found as given were relocated" in m for m in lines)
+
+
+def test_a_relocation_that_collides_with_a_path_given_as_is_is_ambiguous(folder):
+    stats = {}
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl(image="a.png"), rl(image="/elsewhere/a.png")]),
+                            stats=stats)
+    assert [r["image_path"] for r in out] == [str(folder / "a.png")] and stats["skipped"] == {"ambiguous image path": 1}
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_a_byte_order_mark_is_ignored(folder, form):
+    rows = [rl(id="first"), rl(id="second")]
+    text = json.dumps(rows) if form == "json" else "".join(json.dumps(r) + "\n" for r in rows)
+    (folder / f"rl.{form}").write_text(text, encoding="utf-8-sig")
+    assert [r["id"] for r in data.load_rl_data(folder / f"rl.{form}")] == ["first", "second"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (json.dumps(rl(), indent=2), r"one JSON object over \d+ lines \(keys image_path, problem"),
+    (json.dumps({"version": 1, "data": [rl(), rl()]}), r"one JSON object whose 'data' holds 2 records"),
+])
+def test_a_file_that_is_one_json_object_says_what_it_is_and_what_shape_is_expected(folder, content, message):
+    (folder / "rl.json").write_text(content)
+    with pytest.raises(ValueError, match=message + r".*expected a JSON list of records \(\[\{\.\.\.\}, \.\.\.\]\) or JSONL"):
+        data.load_rl_data(folder / "rl.json")
+
+
+def test_a_one_line_jsonl_file_is_still_one_record(folder):
+    assert len(data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl()]))) == 1
+
+
+def test_evaluation_reads_predictions_with_a_byte_order_mark(tmp_path):
+    from collections import Counter
+    import evaluate
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prediction": "1"}\n{"id": "b", "prediction": "2"}\n', encoding="utf-8-sig")
+    counts = Counter()
+    assert evaluate.read_predictions(path, counts)[0] == {"a": "1", "b": "2"} and not +counts    # nothing counted
+
+
+def test_evaluation_refuses_a_thin_image_or_side_by_side_strip_as_one_record():
+    import evaluate
+    with pytest.raises(ValueError, match="aspect ratio"):
+        evaluate.open_image([Image.new("RGB", (4000, 2))])
+    with pytest.raises(ValueError, match="aspect ratio"):       # 250 images of 28x28 pasted side by side
+        evaluate.open_image([Image.new("RGB", (28, 28))] * 250)

@@ -370,3 +370,197 @@ def test_the_sampling_copy_follows_the_weights_through_updates_and_a_resume(warm
     resumed = make_run(tmp_path, *flags, "--resume")
     optimizer, scheduler = T.make_optimizer(resumed, 1e-6, 0.0, 2, 0.0, False)
     assert checkpoint.restore(resumed, "rl", optimizer, scheduler) == 2 and holds_master(resumed)
+
+
+# ---------------------------------------------------------------------------- what a user does to a run
+def saved_state(ckpt="rl", step=2, ranks=1, **config):
+    """A checkpoint's metadata as checkpoint.read returns it (of stage `ckpt`), its config the parsed flags of a
+    --stage rl toy run, changed by `config`."""
+    return dict(stage=ckpt, step=step, rng=[None] * ranks, config={**vars(T.parse_args(["--max_steps", "4", "--stage", "rl"])), **config})
+
+
+def resume(*flags, world=1, **saved):
+    from training.checkpoint import check_resume
+    args = T.parse_args(["--max_steps", "4", "--stage", "rl", "--resume", *flags])
+    return check_resume(args, saved_state(**saved), world)
+
+
+@pytest.mark.parametrize("ckpt, started, given, allowed", [
+    ("sft", "sft", "sft", True), ("sft", "sft", "both", True), ("sft", "both", "both", True), ("sft", "both", "sft", True),
+    ("sft", "both", "rl", False),                  # RL would start from --model, dropping the warm-up
+    ("rl", "rl", "rl", True), ("rl", "both", "both", True),
+    ("rl", "both", "sft", False),                  # nothing would train and final/ would be rewritten
+    ("rl", "rl", "sft", False), ("rl", "both", "rl", False), ("rl", "rl", "both", False),
+])
+def test_resume_continues_only_the_stage_the_checkpoint_is_of(ckpt, started, given, allowed):
+    if allowed:
+        resume("--stage", given, ckpt=ckpt, stage=started)
+        return
+    with pytest.raises(SystemExit, match=f"holds the {ckpt} stage of a --stage {started} run; --stage {given} would not"):
+        resume("--stage", given, ckpt=ckpt, stage=started)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.5"], "--lr is 0.5 (checkpoint: 5e-05)"), (["--seed", "1"], "--seed is 1 (checkpoint: 0)"),
+    (["--data", "other.jsonl"], "--data is 'other.jsonl' (checkpoint: 'toy')"),
+    (["--num_generations", "8"], "--num_generations is 8"), (["--reward", "outcome"], "--reward is 'outcome'"),
+    (["--reward_impl", "official"], "--reward_impl is"), (["--beta", "0"], "--beta is 0.0 (checkpoint: 0.04)"),
+    (["--model", "tiny-qwen3-vl"], "--model is 'tiny-qwen3-vl' (checkpoint: 'tiny')"),
+])
+def test_resume_refuses_a_flag_that_changes_the_run_naming_both_values(flags, named):
+    with pytest.raises(SystemExit) as err:
+        resume(*flags)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_flag_the_table_does_not_list_may_not_change_on_resume():
+    """A flag added later (here one the checkpoint's config has and parse_args does not know) is fixed by default."""
+    from training.checkpoint import MAY_CHANGE, check_resume
+    args = T.parse_args(["--max_steps", "4", "--stage", "rl", "--resume"])
+    args.lora_rank = 8
+    assert "lora_rank" not in MAY_CHANGE
+    with pytest.raises(SystemExit, match=r"--lora_rank is 8 \(checkpoint: 0\)"):
+        check_resume(args, saved_state(lora_rank=0), 1)
+
+
+def test_resume_applies_and_names_the_flags_that_may_change():
+    lines = resume("--max_steps", "6", "--eval_every", "2", "--save_every", "3", "--micro_batch", "2")
+    was = T.parse_args(["--stage", "rl"])
+    assert lines == [f"--resume: --eval_every {was.eval_every} -> 2", "--resume: --max_steps 4 -> 6",
+                     f"--resume: --micro_batch {was.micro_batch} -> 2", f"--resume: --save_every {was.save_every} -> 3"]
+
+
+@pytest.mark.parametrize("prompts, accum, world, ok", [(4, 1, 2, True), (8, 1, 1, True), (2, 2, 2, True),
+                                                       (4, 1, 1, False), (4, 2, 2, False)])
+def test_resume_may_spread_the_batch_over_other_ranks_but_keeps_the_global_batch(prompts, accum, world, ok):
+    flags = ["--prompts_per_step", str(prompts), "--grad_accum", str(accum)]
+    saved = dict(ranks=2, prompts_per_step=4, grad_accum=1)         # 8 prompts a step
+    if ok:
+        resume(*flags, world=world, **saved)
+    else:
+        with pytest.raises(SystemExit, match=r"must keep the global batch .* the checkpoint's is 8 on 2 rank\(s\)"):
+            resume(*flags, world=world, **saved)
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint_has():
+    with pytest.raises(SystemExit, match="--max_steps 4 is below the checkpoint's step 6: give at least 6"):
+        resume(step=6)
+
+
+TINY_RL = ["--model", "tiny", "--stage", "rl", "--data", "toy", "--prompts_per_step", "1", "--grad_accum", "1",
+           "--num_generations", "2", "--max_new_tokens", "4", "--micro_batch", "2", "--eval_n", "0", "--save_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finished 2-step RL run of the tiny model: a checkpoint at step 2, final/, metrics and rollouts."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    T.main(["--out_dir", str(out), *TINY_RL, "--max_steps", "2", "--log_rollouts_every", "1"])
+    return out
+
+
+def copy_of(run, tmp_path):
+    import shutil
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def md5(path):
+    import hashlib
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stage", "sft"], "--stage sft would not continue it (nothing would train and final/ would be rewritten)"),
+    (["--model", "tiny-qwen3-vl"], "--model is 'tiny-qwen3-vl' (checkpoint: 'tiny')"),
+])
+def test_a_refused_resume_leaves_the_checkpoint_and_final_model_as_they_were(saved_run, flags, message):
+    before = md5(saved_run / "final" / "model.safetensors"), md5(saved_run / "checkpoint" / "ckpt.pt")
+    with pytest.raises(SystemExit) as err:
+        T.main(["--out_dir", str(saved_run), *TINY_RL, "--max_steps", "2", "--resume", *flags])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert (md5(saved_run / "final" / "model.safetensors"), md5(saved_run / "checkpoint" / "ckpt.pt")) == before
+
+
+@pytest.mark.parametrize("size", [0, 1000], ids=["empty", "cut-short"])
+def test_a_damaged_checkpoint_stops_resume_and_a_fresh_run_with_one_line_and_overwrite_replaces_it(saved_run, tmp_path, size):
+    out = copy_of(saved_run, tmp_path)
+    ckpt = out / "checkpoint" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:size])
+    for extra in (["--resume"], []):
+        with pytest.raises(SystemExit) as err:
+            T.main(["--out_dir", str(out), *TINY_RL, "--max_steps", "1", *extra])
+        assert f"checkpoint {ckpt} is damaged" in str(err.value) and "--overwrite" in str(err.value)
+        assert "\n" not in str(err.value)
+    T.main(["--out_dir", str(out), *TINY_RL, "--max_steps", "1", "--overwrite"])
+    assert checkpoint.read(str(ckpt))["step"] == 1
+
+
+def test_resume_drops_a_torn_last_log_line_and_the_metrics_run_on(saved_run, tmp_path, capsys):
+    out = copy_of(saved_run, tmp_path)
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        with open(out / name, "a") as f:
+            f.write('{"stage": "rl", "step": 3, "rew')              # killed mid-write
+    T.main(["--out_dir", str(out), *TINY_RL, "--max_steps", "3", "--log_rollouts_every", "1", "--resume"])
+    printed = capsys.readouterr().out
+    assert "metrics.jsonl: dropped 1 unreadable line(s)" in printed and "rollouts.jsonl: dropped 1" in printed
+    assert "--resume: --max_steps 2 -> 3" in printed
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert sorted({json.loads(line)["step"] for line in open(out / "rollouts.jsonl")}) == [1, 2, 3]
+
+
+def test_a_second_run_into_a_locked_out_dir_stops_with_one_line(saved_run, tmp_path):
+    import fcntl
+    out = copy_of(saved_run, tmp_path)
+    with open(out / "run.lock", "w") as held:                     # as another process running there holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(SystemExit) as err:
+            T.main(["--out_dir", str(out), *TINY_RL, "--max_steps", "3", "--resume"])
+    assert str(err.value) == f"error: another run (pid 4242) is writing to {out}: wait for it to end, or use another --out_dir"
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_an_out_dir_that_cannot_be_written_stops_before_the_model_is_loaded(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(T, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("training.setup.load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"^error: cannot write to --out_dir .*file/out: Not a directory$"):
+        T.main(["--out_dir", str(tmp_path / "file" / "out"), *TINY_RL, "--max_steps", "1"])
+
+
+def test_a_failed_save_removes_its_partial_file_names_the_last_good_checkpoint_and_stops(tmp_path, monkeypatch):
+    import errno
+    real, calls = torch.save, []
+
+    def disk_full_on_second_save(obj, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real(obj, path)
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        T.main(["--out_dir", str(out), *TINY_RL, "--max_steps", "3"])
+    ckpt = out / "checkpoint" / "ckpt.pt"
+    assert str(err.value) == (f"error: cannot save the rl checkpoint of step 2 ([Errno 28] No space left on device); "
+                              f"the last good checkpoint (rl, step 1) is {ckpt}: free space, then continue with --resume")
+    assert os.listdir(out / "checkpoint") == ["ckpt.pt"] and checkpoint.read(str(ckpt))["step"] == 1
+    assert not (out / "final").exists()
+
+
+def test_fsdp_rl_rank_with_every_prompt_skipped_runs_a_placeholder_and_every_skip_is_counted(tmp_path):
+    """Two records with images, one of them a JPEG cut short (its header passes the loader), one record whose image
+    is missing: at each of the 2 steps one rank gets only the cut JPEG and runs weight-0 rows in lockstep. The
+    summary counts the cut JPEG once (a record, not each time a rank met it) and the load-time skip by reason."""
+    bad_image_sft_file(tmp_path)
+    rows = [{"image_path": name, "problem": "What colour?", "solution": "### The final answer is: red",
+             "key_steps": {"Steps": [["red"]]}} for name in ("good.png", "cut.jpg", "gone.png")]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = torchrun(os.path.join(ROOT, "train.py"), "--out_dir", str(tmp_path / "out"), "--data", str(tmp_path / "rl.jsonl"),
+                   *TINY_RL[:4], *TINY_RL[6:], "--max_steps", "2", "--fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["skipped"]["bad_image"] == 1 and summary["skipped"]["rl_data"] == {"missing image": 1}
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]

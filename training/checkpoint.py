@@ -6,8 +6,17 @@ entry: it is a function of the step (data.batch_at). It is written to a temporar
 renamed, so a run killed mid-write keeps the previous checkpoint. Under FSDP the shards are
 gathered into whole tensors first, so a checkpoint does not depend on the number of ranks: a run
 may continue on more or fewer.
+
+`--resume` continues a run as it was started: the flags in MAY_CHANGE may differ (how long it goes,
+what it logs and evaluates, how the work is spread), every other flag must equal the checkpoint's
+config (`check_resume`). A run holds a lock on out_dir (`claim`), so a second run into the same
+folder stops. A failed save (disk full) removes its partial file and stops, naming the last good
+checkpoint.
 """
+import contextlib
+import fcntl
 import json
+import math
 import os
 import random
 
@@ -16,6 +25,116 @@ import torch.distributed as dist
 
 import model
 from training import lora, parallel
+
+
+# Flags that --resume may change: none of them changes what a step computes. Every flag not listed (one added
+# later included) must equal the checkpoint's: the data, the seed, the model, the method's hyper-parameters.
+MAY_CHANGE = {
+    "resume", "overwrite", "out_dir",                                    # how this invocation starts
+    "max_steps", "sft_steps", "stop_after", "save_every",                # how long it goes (not below the checkpoint)
+    "log_rollouts_every", "wandb",                                       # logging
+    "eval_every", "eval_n", "eval_bench", "eval_data", "eval_image_root", "eval_limit",   # held-out evaluation
+    "fsdp", "gradient_checkpointing", "compile", "micro_batch",          # how the same update is computed
+    "prompts_per_step", "grad_accum", "sft_batch",                       # if the global batch stays the same
+}
+GLOBAL_BATCH = {"rl": ("prompts_per_step", "grad_accum"), "sft": ("sft_batch",)}   # × ranks, of the stages to come
+
+
+def read(path):
+    """The checkpoint at `path` (mmap: the weights are not read), None if there is none; ValueError if it
+    cannot be read (a file cut short, or empty)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:   # torch raises RuntimeError, EOFError, ValueError, UnpicklingError, ... by damage
+        raise ValueError(f"checkpoint {path} is damaged ({(str(e).splitlines() or [type(e).__name__])[0]})") from e
+
+
+def last_good(path):
+    """Where the last good checkpoint is, in words, for the line a stopped run ends with."""
+    try:
+        state = read(path)
+    except ValueError:
+        state = None
+    return f"the last good checkpoint ({state['stage']}, step {state['step']}) is {path}" if state else "no checkpoint was saved"
+
+
+def _same(a, b):
+    if a == b:
+        return True
+    paths = isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+    return paths and os.path.samefile(a, b)
+
+
+def check_resume(args, state, world):
+    """Refuse (one line) a --resume whose flags change the meaning of the checkpoint's run; returns the lines
+    saying which changeable flags differ (they apply from here on)."""
+    saved, stage, step, where = state["config"], state["stage"], state["step"], os.path.join(args.out_dir, "checkpoint")
+    started = saved["stage"]
+    if not (stage == "sft" and args.stage in ("sft", "both")) and not (stage == "rl" and args.stage == started):
+        why = ("RL would start from --model, dropping the warm-up" if stage == "sft" else
+               "nothing would train and final/ would be rewritten" if args.stage == "sft" else
+               "RL would continue against another reference model")
+        allowed = "--stage sft or --stage both" if stage == "sft" else f"--stage {started}"
+        raise SystemExit(f"error: {where} holds the {stage} stage of a --stage {started} run; --stage {args.stage} "
+                         f"would not continue it ({why}): resume with {allowed}")
+    given = vars(args)
+    fixed = [k for k in given if k not in MAY_CHANGE | {"stage"} and k in saved and not _same(saved[k], given[k])]
+    if fixed:
+        raise SystemExit("error: --resume continues a run as it was started, but " + ", ".join(
+            f"--{k} is {given[k]!r} (checkpoint: {saved[k]!r})" for k in fixed) +
+            f": use another --out_dir, or --overwrite to start afresh")
+    ranks = len(state["rng"])
+    for flags in [GLOBAL_BATCH[s] for s in ("sft", "rl") if s == stage or (s == "rl" and args.stage == "both")]:
+        before, now = ranks * math.prod(saved.get(f, 1) for f in flags), world * math.prod(given[f] for f in flags)
+        if before != now:
+            raise SystemExit(f"error: --resume must keep the global batch ({' × '.join(flags)} × ranks): the checkpoint's "
+                             f"is {before} on {ranks} rank(s), this run's {now} on {world}")
+    length = "sft_steps" if stage == "sft" else "max_steps"
+    if given[length] < step:
+        raise SystemExit(f"error: --{length} {given[length]} is below the checkpoint's step {step}: give at least {step}")
+    return [f"--resume: --{k} {saved[k]!r} -> {given[k]!r}" for k in sorted(MAY_CHANGE | {"stage"})
+            if k in saved and k in given and k not in ("resume", "overwrite") and not _same(saved[k], given[k])]
+
+
+_held = {}   # out_dir lock files held by this process (a run set up twice in one process takes its lock once)
+
+
+def claim(out_dir, master, distributed):
+    """Check out_dir is writable and hold an exclusive lock on it (out_dir/run.lock) until this process ends:
+    a second run into the same folder stops with one line. Only rank 0 locks; every rank gets its verdict."""
+    error = None
+    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
+    if master and path not in _held:
+        try:
+            os.makedirs(os.path.join(out_dir, "checkpoint"), exist_ok=True)
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                error = (f"error: another run (pid {f.read().strip() or '?'}) is writing to {out_dir}: "
+                         "wait for it to end, or use another --out_dir")
+            else:
+                f.truncate(0)
+                f.write(str(os.getpid()))
+                f.flush()
+                os.fsync(f.fileno())   # a full disk fails here, before the model is loaded
+                _held[path] = f
+        except OSError as e:
+            error = f"error: cannot write to --out_dir {out_dir}: {e.strerror or e}"
+    _agree(error, master, distributed)
+
+
+def _agree(error, master, distributed):
+    """Rank 0's verdict to every rank: all stop (rank 0 says why) or all go on."""
+    if distributed:
+        box = [error]
+        dist.broadcast_object_list(box, 0)
+        error = box[0]
+    if error:
+        raise SystemExit(error if master else 1)
 
 
 def save(path, stage, step, policy, optimizer, scheduler, extra, fsdp, distributed, master):
@@ -27,20 +146,25 @@ def save(path, stage, step, policy, optimizer, scheduler, extra, fsdp, distribut
         dist.all_gather_object(all_rng, rng)
     model_state, optimizer_state = parallel.full_state(policy, optimizer, fsdp)
     model_state = {k: v for k, v in model_state.items() if k in trained(policy)}   # frozen: the starting model's
+    error = None
     if master:
         state = dict(stage=stage, step=step, model=model_state, optimizer=optimizer_state,
                      scheduler=scheduler.state_dict(), rng=all_rng, **extra)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    if distributed:
-        dist.barrier()
+        try:
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except (OSError, RuntimeError) as e:    # disk full: OSError, or RuntimeError from torch's zip writer
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            error = (f"error: cannot save the {stage} checkpoint of step {step} ({str(e).splitlines()[0]}); "
+                     f"{last_good(path)}: free space, then continue with --resume")
+    _agree(error, master, distributed)
 
 
 def stage_of(path):
-    """The stage of the checkpoint at `path`, or None; mmap, so the weights are not read."""
-    if not os.path.exists(path):
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["stage"]
+    """The stage of the checkpoint at `path`, or None; ValueError if it is damaged."""
+    state = read(path)
+    return state and state["stage"]
 
 
 def load(path, stage, policy, optimizer, scheduler, fsdp, rank, world):
@@ -50,12 +174,15 @@ def load(path, stage, policy, optimizer, scheduler, fsdp, rank, world):
     On another number of ranks the weights, optimizer and data position carry over unchanged (every
     prompt is sampled from its own seed); only the global RNG streams, saved per rank, cannot, and
     are seeded afresh from the step."""
-    if stage_of(path) != stage:
+    state = read(path)   # mmap: pages shared by ranks
+    if state is None or state["stage"] != stage:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)   # pages shared by ranks
     if set(state["model"]) != trained(policy):
         raise SystemExit(f"error: {path} trained other parameters (--lora_rank, --lora_targets or --freeze_vision differ)")
-    parallel.load_full_state(policy, optimizer, state["model"], state["optimizer"], fsdp)
+    try:
+        parallel.load_full_state(policy, optimizer, state["model"], state["optimizer"], fsdp)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: checkpoint {path} does not fit this model ({str(e).splitlines()[0]})")
     scheduler.load_state_dict(state["scheduler"])
     if len(state["rng"]) == world:
         rng = state["rng"][rank]
@@ -76,25 +203,35 @@ def restore(run, stage, optimizer, scheduler):
                  run.world) if run.args.resume else None
     if state is None:
         return 0
-    run.skipped.update(state["skipped"])
+    if run.master:   # the saved counts are every rank's: rank 0 carries them on, the others count afresh
+        run.skipped.update({k: v for k, v in state["skipped"].items() if isinstance(v, int) and k != "bad_image"})
+        run.bad_images.update(state.get("bad_images", ()))
     if run.sampler is not run.policy:
         model.refresh_inference_copy(run.sampler, run.policy)
     if run.master:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
-            trim_log(os.path.join(run.args.out_dir, name), stage, state["step"])
+            if torn := trim_log(os.path.join(run.args.out_dir, name), stage, state["step"]):
+                run.log.print(f"{name}: dropped {torn} unreadable line(s) (a write cut short)")
     run.log.print(f"resumed {stage} at step {state['step']} of a run on {len(state['rng'])} rank(s)")
     return state["step"]
 
 
 def trim_log(path, stage, step):
-    """Drop log lines written after the checkpoint: the resumed run writes those steps again."""
+    """Drop log lines written after the checkpoint: the resumed run writes those steps again. Lines that are not
+    a JSON row (the last one, cut short by a kill) are dropped too; returns how many."""
     if not os.path.exists(path):
-        return
+        return 0
     order = {"sft": 0, "eval_sft": 0, "rl": 1, "eval": 1}
-    rows = [json.loads(line) for line in open(path)]
-    key = lambda r: (order[r.get("stage", "rl")], r["step"])   # rollouts.jsonl rows are RL rows  # noqa: E731
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows if key(r) <= (order[stage], step))
+    rows, torn = [], 0
+    for line in open(path, encoding="utf-8"):
+        try:
+            row = json.loads(line)
+            rows.append((row, (order[row.get("stage", "rl")], row["step"])))   # rollouts.jsonl rows are RL rows
+        except (ValueError, KeyError, TypeError, AttributeError):
+            torn += bool(line.strip())
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r, key in rows if key <= (order[stage], step))
+    return torn
 
 
 def trained(policy):
@@ -105,13 +242,17 @@ def trained(policy):
 def save_pretrained(directory, policy, tokenizer, image_processor, fsdp, distributed, master):
     """Hugging Face format (model, tokenizer, image processor): plain transformers loads it back. With LoRA the
     model is the merged one, and directory/adapter holds the adapters for peft."""
-    state, _ = parallel.full_state(policy, None, fsdp) if not lora.layers(policy) else (None, None)
+    state, error = parallel.full_state(policy, None, fsdp)[0] if not lora.layers(policy) else None, None
     if master:
-        for part in (tokenizer, image_processor):
-            part.save_pretrained(directory)
-        if state is None:
-            lora.save(directory, policy)
-        else:
-            policy.save_pretrained(directory, state_dict=state)
-    if distributed:
-        dist.barrier()
+        try:
+            for part in (tokenizer, image_processor):
+                part.save_pretrained(directory)
+            if state is None:
+                lora.save(directory, policy)
+            else:
+                policy.save_pretrained(directory, state_dict=state)
+        except (OSError, RuntimeError) as e:
+            ckpt = os.path.join(os.path.dirname(directory), "checkpoint", "ckpt.pt")
+            error = (f"error: cannot write {directory} ({str(e).splitlines()[0]}); {last_good(ckpt)}: free space, "
+                     "then run again with --resume to write it")
+    _agree(error, master, distributed)

@@ -9,7 +9,9 @@ usable record → ValueError.
 Images are kept as paths, checked at load time to exist and to have a readable header: PIL's
 verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap enough for every
 record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
-by the trainer when it opens it.
+by the trainer when it opens it. Sizes the image processor refuses (`check_size`: an aspect ratio
+of 200 or more, or over PIL's decompression-bomb limit) are skipped at both places.
+Files are UTF-8, with or without a byte-order mark.
 
 Key steps (`key_steps_from_solution`): an offline, rule-based stand-in for the authors' GPT-4
 extraction and augmentation, for data that comes without key steps.
@@ -22,6 +24,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 import rewards
@@ -29,26 +32,54 @@ import rewards
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- images
+MAX_ASPECT = 200   # Qwen2-VL's image processor (smart_resize) refuses a longer side 200 times the shorter
+
+
+def check_size(width, height):
+    """ValueError for an image size the image processor refuses, or one over PIL's decompression-bomb
+    limit (decoding it would take gigabytes)."""
+    if min(width, height) < 1 or max(width, height) / min(width, height) >= MAX_ASPECT:
+        raise ValueError(f"{width}x{height} image: aspect ratio {MAX_ASPECT} or more, which the image processor refuses")
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} image: over the {Image.MAX_IMAGE_PIXELS} pixel limit for decoding")
+
+
+def _to_8bit(image):
+    """16-bit, 32-bit integer and float images ("I;16", "I", "F") mapped to 8 bits by their real range:
+    floats in [0, 1] scaled by 255, anything else stretched from its minimum to its maximum (a plain
+    convert() would clip every value over 255 to white)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if image.mode == "F" and 0 <= lo and hi <= 1:
+        lo, hi = 0.0, 1.0
+    scaled = (pixels - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
+
+
 def load_image(src, max_pixels=None):
     """Open an image path, bytes stream or PIL image as RGB (None stays None: a question without an
-    image); ValueError if it cannot be decoded.
+    image); ValueError if it cannot be decoded or its size is refused (`check_size`).
 
     Transparency is composited onto white, as Qwen2-VL's own image conversion does (a diagram with
-    a transparent background would otherwise turn black). An image far over `max_pixels` is shrunk
-    first: the image processor resizes it anyway, this only saves its time.
+    a transparent background would otherwise turn black). High bit-depth images are mapped by their
+    range (`_to_8bit`). An image far over `max_pixels` is shrunk first: the image processor resizes
+    it anyway, this only saves its time.
     """
     if src is None:
         return None
     try:
         image = src if isinstance(src, Image.Image) else Image.open(src)
+        check_size(*image.size)
         image.load()
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            image = _to_8bit(image)
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("RGBA", "LA", "PA"):
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, image.convert("RGBA"))
         image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         name = src if isinstance(src, (str, os.PathLike)) else type(src).__name__
         raise ValueError(f"cannot read image {name}: {e}") from e
     if max_pixels and image.width * image.height > 4 * max_pixels:
@@ -69,15 +100,33 @@ REFLECTIVE = re.compile(
     r"|\bre-?think(?:ing)?\b", re.I)
 
 
+RECORD_KEYS = {"image_path", "problem", "solution", "messages", "conversations", "images"}
+SHAPES = "expected a JSON list of records ([{...}, ...]) or JSONL (one record per line)"
+
+
 def _read_records(path):
     """("item", [(number, record)]) of a JSON list, or ("line", [(number, record or None if the
-    line is not JSON)]) of a JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    line is not JSON)]) of a JSONL file. A byte-order mark is ignored; a file that is one JSON object
+    (pretty-printed, or one that wraps the list of records) is an error saying so."""
+    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
         try:
             return "item", list(enumerate(json.loads(text), 1))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON list or JSONL") from e
+            raise ValueError(f"{path}: not valid JSON ({e}); {SHAPES}") from e
+    if text.lstrip().startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None        # JSONL: one object per line
+        wrapped = [k for k, v in (whole or {}).items() if isinstance(v, list) and v
+                   and all(isinstance(r, dict) and RECORD_KEYS & set(r) for r in v)]
+        if wrapped:
+            raise ValueError(f"{path}: one JSON object whose {wrapped[0]!r} holds {len(whole[wrapped[0]])} records; "
+                             f"{SHAPES}: pass that list itself")
+        if isinstance(whole, dict) and len(text.strip().splitlines()) > 1:
+            raise ValueError(f"{path}: one JSON object over {len(text.strip().splitlines())} lines "
+                             f"(keys {', '.join(list(whole)[:5])}); {SHAPES}")
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -91,7 +140,8 @@ def _read_records(path):
 def _find_image(name, root):
     """(path, relocated) of the image a record names, or (None, False). A relative path is under
     `root`; one not found there (an absolute path from another machine, say) is retried as its
-    trailing components under `root`, longest first: /mnt/x/1.png → mnt/x/1.png, x/1.png, 1.png."""
+    trailing components under `root`, longest first: /mnt/x/1.png → mnt/x/1.png, x/1.png, 1.png.
+    Two names relocated to one file are ambiguous: `_load` skips both."""
     path = Path(name)
     full = path if path.is_absolute() else root / path
     if full.is_file():
@@ -103,12 +153,18 @@ def _find_image(name, root):
 
 
 def _unreadable(path):
-    """Why PIL cannot read the image's header (verify(): no pixel decode), or None."""
+    """(reason, why) if PIL cannot read the image's header (verify(): no pixel decode) or its size is
+    refused (check_size), else None."""
     try:
         with Image.open(path) as image:
             image.verify()
-    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error, ... by format
-        return f"{type(e).__name__}: {e}"
+            size = image.size
+    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError, ... by format
+        return "unreadable image", f"{type(e).__name__}: {e}"
+    try:
+        check_size(*size)
+    except ValueError as e:
+        return "unusable image", str(e)
     return None
 
 
@@ -128,6 +184,14 @@ def _load(path, image_root, convert, stats, notes):
     root = Path(image_root) if image_root else path.parent
     unit, records = _read_records(path)
     kept, skipped, first, noted = [], {}, {}, dict.fromkeys(("relocated_images",) + notes, 0)
+    sources, lost = {}, set()      # relocated file → the names that led to it; lines skipped
+
+    def skip(why, line):
+        reason, _, detail = why.partition(": ")
+        skipped.setdefault(reason, []).append(line)
+        first.setdefault(reason, detail)
+        lost.add(line)
+
     for line, rec in records:
         where = f"{path}:{line}"
         if rec is None:
@@ -142,25 +206,37 @@ def _load(path, image_root, convert, stats, notes):
             if img is None:
                 out = f"missing image: {root / out['image_path']}"
             elif bad:
-                out = f"unreadable image: {img} ({bad})"
+                out = f"{bad[0]}: {img} ({bad[1]})"
             else:
                 rid = rec.get("id")
-                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out, "image_path": str(img)}
-                noted["relocated_images"] += relocated
-                if "_note" in out:
-                    noted[out.pop("_note")] += 1
+                sources.setdefault(str(img), set()).add(out["image_path"] if relocated else str(img))
+                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out, "image_path": str(img),
+                       "_line": line, "_from": out["image_path"] if relocated else None}
         if isinstance(out, str):
-            reason, _, detail = out.partition(": ")
-            skipped.setdefault(reason, []).append(line)
-            first.setdefault(reason, detail)
+            skip(out, line)
         else:
             kept.append(out)
+    for out in kept:        # relocations: each file may stand for one name only
+        names = sources.get(out["image_path"], ())
+        if out["_from"] is not None and len(names) > 1:
+            other = sorted(names - {out["_from"]})[0]
+            skip(f"ambiguous image path: {out['_from']} and {other} both relocate to {out['image_path']}", out["_line"])
+    kept = [r for r in kept if r["_line"] not in lost]
+    for out in kept:
+        noted["relocated_images"] += out.pop("_from") is not None
+        out.pop("_line")
+        if "_note" in out:
+            noted[out.pop("_note")] += 1
+    if noted["relocated_images"]:
+        log.warning("%s: %d image path(s) not found as given were relocated to their trailing part under %s",
+                    path, noted["relocated_images"], root)
     for reason, lines in skipped.items():
+        lines.sort()
         more = ", ..." if len(lines) > 5 else ""
         log.warning("%s: skipped %d record(s), %s (%ss %s%s; first: %s)", path, len(lines), reason,
                     unit, ", ".join(map(str, lines[:5])), more, first[reason])
     for note, n in noted.items():
-        if n:
+        if n and note != "relocated_images":
             log.info("%s: %s: %d record(s)", path, note.replace("_", " "), n)
     if stats is not None:
         stats.update(kept=len(kept), skipped={r: len(v) for r, v in skipped.items()}, **noted)

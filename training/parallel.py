@@ -70,16 +70,15 @@ def placeholder_image():
 
 def lockstep(jobs, fsdp, distributed):
     """Under FSDP, pad this rank's list of micro-batch jobs to the longest across ranks by repeating
-    its last job with weight 0, so every rank runs the same number of sharded forwards.
+    its last job with weight 0, so every rank runs the same number of sharded forwards; a rank with no
+    job at all gets weight-0 jobs of row 0 (of a placeholder rollout, setup.placeholder_rollout).
     Returns [(job, weight)]."""
     out = [(job, 1.0) for job in jobs]
     if not (fsdp and distributed):
         return out
     n = torch.tensor(len(jobs))
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    if n > len(jobs) and not jobs:
-        raise RuntimeError("every prompt of this rank was skipped; under --fsdp each rank needs at least one")
-    return out + [(jobs[-1], 0.0)] * (int(n) - len(jobs))
+    return out + [(jobs[-1] if jobs else [0], 0.0)] * (int(n) - len(jobs))
 
 
 def sync_gradients(params, world):

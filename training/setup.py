@@ -13,7 +13,9 @@ import os
 import random
 
 import torch
+import torch.distributed as dist
 import transformers
+from tqdm import tqdm
 
 import model as M
 import rollout
@@ -41,7 +43,9 @@ class Run:
     log: logs.Log
     reference: torch.nn.Module = None   # frozen starting model of the RL stage
     fixed_length: bool = False          # benchmarks: every completion max_new_tokens long (stop tokens ignored)
-    skipped: dict = dataclasses.field(default_factory=lambda: {"bad_image": 0, "long_prompt": 0, "nonfinite_loss": 0})
+    skipped: dict = dataclasses.field(default_factory=lambda: {"long_prompt": 0, "nonfinite_loss": 0})
+    bad_images: set = dataclasses.field(default_factory=set)   # ids of records whose image failed to open
+    data_skipped: dict = dataclasses.field(default_factory=dict)   # load-time skips by reason, per data file read
 
     @property
     def master(self):
@@ -52,15 +56,19 @@ class Run:
         return os.path.join(self.args.out_dir, "checkpoint", "ckpt.pt")
 
 
-def load_data(args):
+def load_data(args, stats=None):
     """(sft_set, train_set, eval_set). For the toy task SFT imitates the teacher's paths (some miscount with
     --teacher_noise) while RL is rewarded by the truth. Real files: bad records are counted and logged by
-    the loaders; a file with nothing usable is an error."""
+    the loaders (their skips by reason into stats["sft_data"], stats["rl_data"]); a file with nothing usable
+    is an error."""
     if args.data == "toy":
         train = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
         return [{**s, "response": s["teacher_solution"]} for s in train], train, heldout.records(args)
-    sft = data.load_sft_data(args.data, args.image_root, drop_reflective=args.drop_reflective) if args.stage != "rl" else []
-    rl = data.load_rl_data(args.data, args.image_root, derive_key_steps=args.derive_key_steps) if args.stage != "sft" else []
+    stats = {} if stats is None else stats
+    sft = data.load_sft_data(args.data, args.image_root, stats.setdefault("sft_data", {}),
+                             drop_reflective=args.drop_reflective) if args.stage != "rl" else []
+    rl = data.load_rl_data(args.data, args.image_root, stats.setdefault("rl_data", {}),
+                           derive_key_steps=args.derive_key_steps) if args.stage != "sft" else []
     return sft, rl, heldout.records(args)
 
 
@@ -87,7 +95,8 @@ def load_model(args, name, device):
 
 
 def check_inputs(args):
-    """Mistakes a person can fix, found before any model is loaded or out_dir is touched."""
+    """Mistakes a person can fix, found before any model is loaded or out_dir is touched. Returns the lines
+    saying which flags a --resume changes (checkpoint.check_resume)."""
     name = args.model
     if name not in tiny.TINY_MODELS and not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise SystemExit(f"error: model directory {name!r} does not exist (a hub id looks like 'Qwen/Qwen2-VL-2B-Instruct')")
@@ -100,24 +109,31 @@ def check_inputs(args):
             import wandb  # noqa: F401  (checked here; logs.py uses it)
         except ImportError:
             raise SystemExit("error: --wandb needs wandb: pip install wandb")
-    saved = checkpoint.stage_of(os.path.join(args.out_dir, "checkpoint", "ckpt.pt"))
+    if args.overwrite and not args.resume:
+        return []                                   # whatever is in out_dir, damaged or not, is replaced
+    try:
+        saved = checkpoint.read(os.path.join(args.out_dir, "checkpoint", "ckpt.pt"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}: start afresh with --overwrite, or use another --out_dir")
     if args.resume and saved is None:
         raise SystemExit(f"error: --resume, but {args.out_dir}/checkpoint holds no checkpoint: run without --resume")
-    if not args.resume and saved is not None and not args.overwrite:
-        raise SystemExit(f"error: {args.out_dir} holds a {saved} checkpoint: add --resume to continue it, "
+    if not args.resume and saved is not None:
+        raise SystemExit(f"error: {args.out_dir} holds a {saved['stage']} checkpoint: add --resume to continue it, "
                          "--overwrite to start afresh, or use another --out_dir")
+    return checkpoint.check_resume(args, saved, int(os.environ.get("WORLD_SIZE", 1))) if saved else []
 
 
 def setup(args):
     transformers.utils.logging.disable_progress_bar()
-    check_inputs(args)
+    changes, stats = check_inputs(args), {}
     try:
-        sft_set, train_set, eval_set = load_data(args)
+        sft_set, train_set, eval_set = load_data(args, stats)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     ddp, rank, world, device = parallel.setup()
     if args.compile and device.type != "cuda":
         raise SystemExit("error: --compile captures the decode step as CUDA graphs: it needs a CUDA device")
+    checkpoint.claim(args.out_dir, rank == 0, ddp)    # writable, and no other run in it
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     policy, tokenizer, image_processor = load_model(args, args.model, device)
@@ -126,9 +142,11 @@ def setup(args):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers.
     sampler = M.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if bf16 or args.fsdp else policy
-    os.makedirs(os.path.join(args.out_dir, "checkpoint"), exist_ok=True)
-    return Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
-               eval_set, logs.Log(args, rank == 0))
+    run = Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
+              eval_set, logs.Log(args, rank == 0), data_skipped={k: v["skipped"] for k, v in stats.items() if v})
+    for line in changes:
+        run.log.print(line)
+    return run
 
 
 def paper_sft_lr(n_params):
@@ -150,7 +168,8 @@ def lora_reference(run, start):
 
 
 def open_images(run, samples):
-    """(samples kept, their images, their indices); an unreadable image is logged, counted and its sample dropped."""
+    """(samples kept, their images, their indices). An image that cannot be opened, or that the image processor
+    would refuse (data.load_image), drops its sample; each such record is counted once and logged by its rank."""
     kept, images, index = [], [], []
     for i, s in enumerate(samples):
         try:
@@ -158,9 +177,39 @@ def open_images(run, samples):
             kept.append(s)
             index.append(i)
         except ValueError as e:
-            run.skipped["bad_image"] += 1
-            run.log.print(f"[rank {run.rank}] skipping sample {s.get('id')}: {e}")
+            key = s.get("id") or s.get("image_path")
+            if key not in run.bad_images:
+                run.bad_images.add(key)
+                tqdm.write(f"[rank {run.rank}] skipping sample {s.get('id')}: {e}")
     return kept, images, index
+
+
+def all_skips(run):
+    """Every rank's skips, by reason, for the checkpoint and the summary (a collective: every rank calls it):
+    counts summed over ranks; nonfinite_loss once (every rank skips the same update); bad_image as the number of
+    distinct records; then the load-time skips of each data file. Returns (counts, bad image ids)."""
+    mine = [dict(run.skipped), sorted(map(str, run.bad_images))]
+    every = [mine] * run.world
+    if run.ddp:
+        every = [None] * run.world
+        dist.all_gather_object(every, mine)
+    counts, ids = {}, set()
+    for skipped, bad in every:
+        ids.update(bad)
+        for k, v in skipped.items():
+            counts[k] = max(counts.get(k, 0), v) if k == "nonfinite_loss" else counts.get(k, 0) + v
+    return {**counts, "bad_image": len(ids), **run.data_skipped}, sorted(ids)
+
+
+def placeholder_rollout(run):
+    """A one-row rollout of a blank image and a one-token completion, for weight-0 forwards: under FSDP a rank
+    whose prompts were all skipped still takes part in every block's gather (parallel.lockstep)."""
+    batch = M.build_inputs(run.tokenizer, run.image_processor, [parallel.placeholder_image()], [""])
+    batch.pop("kept")
+    one = torch.ones(1, 1, device=run.device)
+    return rollout.Rollout({k: v.to(run.device) if v is not None else None for k, v in batch.items()},
+                           torch.full((1, 1), run.tokenizer.pad_token_id, device=run.device), one, 0 * one,
+                           torch.zeros(1, dtype=torch.bool), [""], torch.zeros(1, dtype=torch.long), [0], [])
 
 
 def generate(run, samples, images, **kw):
