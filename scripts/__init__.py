@@ -1,2 +1,3 @@
-"""scripts/: runs that reproduce results, from the repository root: `python -m scripts.ablation`.
+"""scripts/: runs that reproduce or show results, from the repository root: `python -m scripts.ablation`
+(the paper's reward ablation on the toy task), `python -m scripts.viewer OUT_DIR` (a run's rollouts as a page).
 """
