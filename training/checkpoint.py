@@ -80,6 +80,8 @@ def check_resume(args, state, world):
         raise SystemExit(f"error: {where} holds the {stage} stage of a --stage {started} run; --stage {args.stage} "
                          f"would not continue it ({why}): resume with {allowed}")
     given = vars(args)
+    for k in [k for k in given if given[k] is None and saved.get(k) is not None]:
+        given[k] = saved[k]           # a flag left to be chosen when the model loads (--sft_lr) keeps the run's choice
     fixed = [k for k in given if k not in MAY_CHANGE | {"stage"} and k in saved and not _same(saved[k], given[k])]
     if fixed:
         raise SystemExit("error: --resume continues a run as it was started, but " + ", ".join(
