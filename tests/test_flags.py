@@ -29,6 +29,7 @@ def refusal(parse, argv, capsys):
     (["--num_generations", "0"], "--num_generations must be at least 2"),
     (["--num_generations", "1"], "every advantage (Eq. 4) is 0"),
     (["--lr", "-1"], "--lr must be above 0"),
+    (["--sft_lr", "0"], "--sft_lr must be above 0"),
     (["--temperature", "0"], "--temperature must be above 0"),
     (["--beta", "-0.1"], "--beta must be 0 or more"),
     (["--tis_cap", "0.5"], "--tis_cap must be 0 (off) or at least 1"),

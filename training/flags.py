@@ -24,8 +24,8 @@ def check(p, a):
     for name in ("stop_after", "eval_every", "eval_n", "log_rollouts_every", "max_steps", "sft_steps"):
         if getattr(a, name) < 0:
             p.error(f"--{name} must be 0 or more (got {getattr(a, name)})")
-    for name in ("lr", "sft_lr", "temperature", "clip_eps"):
-        if not getattr(a, name) > 0:
+    for name in ("lr", "sft_lr", "temperature", "clip_eps"):          # sft_lr None: chosen by model size
+        if getattr(a, name) is not None and not getattr(a, name) > 0:
             p.error(f"--{name} must be above 0 (got {getattr(a, name)})")
     for name in ("beta", "alpha", "sft_weight_decay"):
         if not getattr(a, name) >= 0:
