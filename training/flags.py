@@ -47,7 +47,8 @@ def check(p, a):
         p.error("--reward and --reward_impl choose the RL reward; --stage sft has none: drop them or use --stage both")
     if a.eval_every and a.data != "toy" and not getattr(a, "eval_data", None):
         p.error("--eval_every scores a held-out set, and only --data toy has one (--eval_n): drop --eval_every")
-    if a.eval_every and a.data == "toy" and not a.eval_n:
+    given_eval_every = a.eval_every != p.get_default("eval_every")      # a preset's with --eval_n 0 is just off
+    if a.eval_every and a.data == "toy" and not a.eval_n and given_eval_every:
         p.error("--eval_every scores --eval_n held-out questions: give --eval_n > 0, or drop --eval_every")
     if a.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards over processes started by torchrun: torchrun --nproc_per_node N train.py --fsdp ...")
