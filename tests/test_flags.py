@@ -89,3 +89,8 @@ def test_help_shows_each_default_once(parse, capsys, monkeypatch):
         ablation.main() if parse == "ablation" else parse(["--help"])
     flags = " ".join(capsys.readouterr().out.split()).split(" --")[1:]
     assert flags and all(f.count("default") <= 1 for f in flags), [f for f in flags if f.count("default") > 1]
+
+
+def test_eval_n_0_turns_off_a_presets_held_out_evaluation(tmp_path):
+    args = T.parse_args(["--model", str(tmp_path), "--eval_n", "0"])      # a pretrained model: its preset evaluates
+    assert args.eval_every == 200 and args.eval_n == 0
