@@ -23,13 +23,13 @@ table compares generations of different lengths, whose caches differ in size (a 
 whole cache); a second table times single steps early and late in one long generation, where only the
 position differs.
 """
-import argparse, json, os, resource, statistics, sys, time
+import argparse, json, os, re, resource, statistics, sys, time
 
 import torch
 from PIL import Image, ImageDraw
 
 from qwen import families, tiny
-from training import memory
+from training import flags, memory
 import model as M
 import rollout
 
@@ -42,8 +42,8 @@ WORKLOADS = {"small": dict(prompts_per_step=2, grad_accum=1, max_new_tokens=64, 
                            micro_batch=4)}
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults)
     p.add_argument("--model", default="tiny", help="'tiny', 'qwen2-vl-2b' (random weights) or a model directory")
     p.add_argument("--workload", default="small", choices=sorted(WORKLOADS), help="see the module docstring")
     p.add_argument("--steps", type=int, default=3, help="timed steps; one more runs first as warm-up")
@@ -57,7 +57,16 @@ def parse_args():
     p.add_argument("--lora_rank", type=int, default=0, help="as train.py's flag")
     p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
     p.add_argument("--memory", action="store_true", help="print the counted bytes per GPU (training/memory.py) and exit")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1 (got {args.steps})")
+    if args.decode_table and not re.fullmatch(r"\d+(,\d+)*:\d+(,\d+)*", args.decode_table.replace(" ", "")):
+        p.error(f"--decode_table takes ROWS:LENGTHS, comma-separated whole numbers such as 1,4,8:64,256 "
+                f"(got {args.decode_table!r})")
+    if args.decode_table and 0 in [int(n) for n in re.split("[,:]", args.decode_table.replace(" ", ""))]:
+        p.error(f"--decode_table: rows and lengths must be at least 1 (got {args.decode_table!r})")
+    args.decode_table = args.decode_table and args.decode_table.replace(" ", "")
+    return args
 
 
 def random_2b(out_dir):

@@ -30,15 +30,17 @@ Record ids, the "id" of a predictions line (a data file's own identifiers):
 | toy | the sample's `id` | – | – |
 
 Answers are judged by rule, never by an LLM. With --prompt r1vl the final answer is the text after
-"### The final answer is:" (rewards.extract_answer; the whole reply if there is none, counted as
-no_final_answer); with --prompt plain the whole reply is the answer. Then each benchmark's rules:
+"### The final answer is:" (rewards.extract_answer). Without it (--prompt plain, or no header: counted as
+no_final_answer) the official rules that read a whole reply get it; where the official pipeline asks an LLM for
+the answer (mmstar, mathverse, dynamath's replies without JSON) answers.stated_answer reads it. Then:
   mathvista      accuracy: our regex extraction (mathvista_extract) + the official normalisation by
                  question/answer type and precision; --extracted scores GPT-4 extractions as the official
                  calculate_score.py does. Gaps from raw responses: README and tests/test_evaluate.py.
   mmstar         accuracy (per category, l2 category): the option letter named by the answer.
   mathvision     accuracy (per level, subject): the official rule scorer, reimplemented; its LaTeX numbers are
                  read as latex2sympy2 reads them (benchmarks/latex_value.py).
-  chartqa        relaxed accuracy (human, augmented, overall): numbers within 5 %, text exact.
+  chartqa        relaxed accuracy (human, augmented, overall): numbers within 5 %, text exact; an official
+                 label is one string ("[2014, 2016]" whole), a TSV's "[...]" answer lists alternatives.
   dynamath       average-case and worst-case accuracy (all 10 variants right): the official rules.
   hallusionbench aAcc, fAcc (all questions of a figure right), qAcc (a question right on all its
                  figures) and their mean, the reported "HallBench" number; yes/no by VLMEvalKit's rule;
@@ -168,7 +170,11 @@ def generate(recs, preds, args, out_path, counts):
     log.info("%d of %d records to generate (%d already in %s)", len(todo), len(recs), len(recs) - len(todo), out_path)
     if not todo:
         return
-    policy, tokenizer, image_processor = model.load(args.model, device=args.device, dtype=args.dtype, build=tiny.builder(args.model), **pixels)
+    try:
+        policy, tokenizer, image_processor = model.load(args.model, device=args.device, dtype=args.dtype,
+                                                        build=tiny.builder(args.model), **pixels)
+    except (OSError, ValueError) as e:                # e.g. a hub id that cannot be reached or does not exist
+        sys.exit(f"cannot load model {args.model!r}: {str(e).strip().splitlines()[0]}")
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc=f"{args.bench} generate", unit="rec",
                                        file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), args.batch_size):
@@ -243,6 +249,15 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     p.add_argument("--dtype", help="bf16 / fp32 (default: bf16 on GPU)")
     args = p.parse_args(argv)
+    for name in ("limit", "max_new_tokens", "batch_size", "min_pixels", "max_pixels", "max_prompt_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        p.error(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}")
+    if args.predictions and args.overwrite:
+        p.error("--overwrite restarts the --out of a generation; with --predictions nothing is generated")
+    if args.bench == "toy" and args.data:
+        p.error("--bench toy makes its own questions (--difficulty, --limit): drop --data")
     if args.max_new_tokens is None:
         args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.bench == "toy" else BENCH_MAX_NEW_TOKENS
     return args
@@ -270,6 +285,20 @@ def check_inputs(args):
         sys.exit(f"--data {args.data} does not exist")
 
 
+def check_predictions(args, header, preds, counts, min_share=0.5):
+    """Refuse, in one line, predictions made for another benchmark or data file: by the produced_by header's
+    bench and data (file or folder name, so moved data still scores), or by ids (under min_share of them known)."""
+    data = Path(args.data).resolve().name if args.data else f"toy level {args.difficulty}"
+    made = f"--predictions {args.predictions} holds predictions made for"
+    if header and header.get("bench") != args.bench:
+        sys.exit(f"{made} --bench {header.get('bench')} (its produced_by header), not {args.bench}")
+    if header and header.get("data") and Path(header["data"]).name != data:
+        sys.exit(f"{made} --data {header['data']} (its produced_by header), not {args.data}: pass that file")
+    if not preds or len(preds) < min_share * (len(preds) + counts["unknown_prediction_ids"]):
+        sys.exit(f"{made} other records: {len(preds)} of its {len(preds) + counts['unknown_prediction_ids']} ids are "
+                 f"ids of {args.bench} {args.data or ''} (at least {min_share:.0%} must be); another benchmark or split?")
+
+
 def load_records(args):
     try:
         return harness.load(args.bench, args.data, args.image_root, toy_n=args.limit or 200, difficulty=args.difficulty)
@@ -287,7 +316,8 @@ def main(argv=None):
     counts = Counter()
     log.info("%s: %d records", args.bench, len(recs))
     if args.predictions:
-        preds, _ = read_predictions(args.predictions, counts, ids)
+        preds, header = read_predictions(args.predictions, counts, ids)
+        check_predictions(args, header, preds, counts)
         preds = {k: v for k, v in preds.items() if k in {r["id"] for r in recs}}
         out = Path(args.out) if args.out else None
     else:

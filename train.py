@@ -29,7 +29,7 @@ from grading import official_rewards
 from qwen.tiny import TINY_MODELS
 from benchmarks import harness
 from toy import task as toy
-from training import checkpoint, data, heldout, logs, lora, parallel
+from training import checkpoint, data, flags, heldout, logs, lora, parallel
 from training.setup import all_skips, generate, load_model, lora_reference, open_images, placeholder_rollout, setup
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     """Every flag's default is the paper's (its implementation details and official code); `--data toy` applies
     toy.PRESETS (one for the tiny models, one for any other) to the flags not given. `--help` shows both."""
     presets = "; ".join(f"{kind}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for kind, preset in toy.PRESETS.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults,
                                 epilog=f"--data toy (the default) sets, unless given: {presets}")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="tiny", help="hub id, local directory (start it with ./ or /), or a tiny model: "
@@ -102,8 +102,7 @@ def parse_args(argv=None):
     if known.data == "toy":
         p.set_defaults(**(toy.PRESET if known.model in TINY_MODELS else toy.PRETRAINED))
     args = p.parse_args(argv)
-    if args.top_p < 1 and args.stage != "sft":
-        p.error("--top_p < 1 samples from the nucleus, but the loss scores the full distribution: use --top_p 1 in RL")
+    flags.check(p, args)
     return args
 
 
@@ -192,7 +191,10 @@ def sft(run):
     for step in tqdm(range(start, a.sft_steps), desc="SFT warm-up", initial=start, total=a.sft_steps, disable=not run.master):
         t0 = time.time()
         samples, images, _ = open_images(run, data.batch_at(run.sft_set, step, a.sft_batch, run.rank, run.world, a.seed + 7)[0])
+        skipped = run.skipped["long_prompt"]
         loss = sft_loss(run, samples, images)
+        if step == start:                                # nothing kept now: every step would skip alike
+            flags.require_kept(run, len(samples) > run.skipped["long_prompt"] - skipped)
         if loss.requires_grad:
             loss.backward()
         norm = optimizer_step(run, optimizer, scheduler, loss.item())
@@ -302,6 +304,8 @@ def rl(run):
     for step in bar:
         t0 = time.time()
         batch = collect(run, step)                             # rollouts, rewards, advantages
+        if step == start:
+            flags.require_kept(run, batch.rollout is not None)
         result = update(run, batch, optimizer, scheduler)      # reference log-probs, loss, optimizer step
         record = logs.log_rl_step(run, step, batch, result, time.time() - t0)  # metrics.jsonl, rollouts.jsonl
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
@@ -328,7 +332,8 @@ def main(argv=None):
             rl(run)
             summary["rl_records"] = len(run.train_set)
     except KeyboardInterrupt:
-        raise SystemExit(f"\ninterrupted: {checkpoint.last_good(run.ckpt_path)}; continue with: python {' '.join(sys.argv)} --resume")
+        again = " ".join(a for a in sys.argv if a not in ("--overwrite", "--resume"))   # --resume replaces them
+        raise SystemExit(f"\ninterrupted: {checkpoint.last_good(run.ckpt_path)}; continue with: python {again} --resume")
     save_pretrained(run, "final")
     skipped = all_skips(run)[0]
     if run.master:

@@ -142,11 +142,19 @@ def _mathvision(row, fmt, file, i, img):
 
 
 def _chartqa(row, fmt, file, i, img):
+    """The official test_*.json label is one string, compared whole ("[2014, 2016]" is one answer, as the
+    official relaxed accuracy reads it); a TSV's "[...]" answer lists alternatives, as VLMEvalKit reads it."""
     split = str(row.get("split") or row.get("type") or row.get("human_or_machine") or file.stem)
-    label = _literal(row.get("label", row.get("answer")))
-    return dict(id=str(row["index"]) if fmt == "tsv" else f"{file.stem}/{i}",
-                images=img(row, [f"png/{row.get('imgname')}", str(row.get("imgname"))]),
-                question=row.get("query") or row["question"], answer=label if isinstance(label, list) else [str(label)],
+    if fmt == "json":                                       # official: imgname, query, label
+        question, label, images = row["query"], str(row["label"]), img(row, [f"png/{row['imgname']}", row["imgname"]])
+    elif fmt == "tsv":
+        question, label, images = row["question"], _literal(row["answer"]), img(row)
+    elif fmt == "parquet":                                  # HuggingFaceM4: query, label [str]; lmms-lab: question, answer
+        question, label, images = row.get("query") or row["question"], row["label"] if "label" in row else row["answer"], img(row)
+    else:
+        raise ValueError(f"ChartQA comes as test_*.json, TSV or parquet, not {fmt}")
+    return dict(id=str(row["index"]) if fmt == "tsv" else f"{file.stem}/{i}", images=images, question=question,
+                answer=[str(a) for a in label] if isinstance(label, list) else [str(label)],
                 split="augmented" if "aug" in split or split == "1" else "human")    # human_or_machine: 1 = machine
 
 
@@ -155,8 +163,8 @@ def _dynamath(row, fmt, file, i, img):
     qid = str(row.get("qid") or row.get("id") or row["_key"])
     return dict(id=str(row["index"]) if fmt == "tsv" else f"{qid}/{variant}", images=img(row, row.get("image")),
                 question=row["question"], answer=str(row.get("answer", row.get("ground_truth"))),
-                atype=row["answer_type"], qid=qid, subject=row.get("subject", ""),
-                level=row.get("level") or row.get("knowledge_level", ""))
+                atype=row["answer_type"], qid=qid, subject=row["subject"],
+                level=row["level"] if "level" in row else row["knowledge_level"])
 
 
 def _hallusionbench(row, fmt, file, i, img):
@@ -193,9 +201,12 @@ def _mme(row, fmt, file, i, img):
                 pair=f"{row['category']}/{row.get('image_path') or row.get('question_id')}")
 
 
+LEFT_OUT = {"mathverse": "its text-only version has no image", "hallusionbench": "its questions without an image"}
+
+
 def load(bench, path, image_root=None):
-    """All records of `bench` under `path`; raises on missing files, malformed rows or duplicate ids."""
-    records = {}                                            # id -> record, in file order
+    """All records of `bench` under `path`; raises on missing files, malformed rows, duplicate ids or no record."""
+    records, left_out = {}, 0                               # id -> record, in file order
     for file in find_files(bench, path):
         fmt, rows = file.suffix.lower().lstrip("."), read_rows(file)
         if bench == "mathvista" and fmt == "json" and (q := file.parent / "query.json").is_file():
@@ -211,6 +222,10 @@ def load(bench, path, image_root=None):
                 raise ValueError(f"{file}, row {i + 1}: duplicate id {rec['id']!r}")
             if rec is not None:
                 records[rec["id"]] = rec
+        left_out += len(rows)
+    if not records:
+        raise ValueError(f"{path} holds no {bench} record to score ({left_out} rows, all left out: "
+                         f"{LEFT_OUT.get(bench, 'none kept')})")
     return list(records.values())
 
 
@@ -298,13 +313,14 @@ class Bench:
     score: Callable        # (record, final answer) -> right or not
     metrics: Callable      # (records, flags) -> {metric: value}, percent
     headline: str          # the metric the paper reports
+    extract: bool = False  # the official pipeline extracts the final answer (an LLM): ours is answers.stated_answer
 
 
 BENCHES = {
     "mathvista": Bench(_mathvista, scorers.score_mathvista,
                        lambda recs, flags: accuracy(recs, flags, "qtype", "atype", "task"), "accuracy"),
     "mmstar": Bench(_mmstar, scorers.score_mmstar,
-                    lambda recs, flags: accuracy(recs, flags, "category", "l2"), "accuracy"),
+                    lambda recs, flags: accuracy(recs, flags, "category", "l2"), "accuracy", extract=True),
     "mathvision": Bench(_mathvision, scorers.score_mathvision,
                         lambda recs, flags: accuracy(recs, flags, "level", "subject"), "accuracy"),
     "chartqa": Bench(_chartqa, scorers.score_chartqa,
@@ -313,7 +329,7 @@ BENCHES = {
     "hallusionbench": Bench(_hallusionbench, scorers.score_hallusionbench, hallusion_metrics, "mean_aAcc_fAcc_qAcc"),
     "mathverse": Bench(_mathverse, scorers.score_mathverse,   # approximate: the official judge is an LLM
                        lambda recs, flags: accuracy(recs, flags, "version", "subject", key="accuracy_approx"),
-                       "accuracy_approx"),
+                       "accuracy_approx", extract=True),
     "mme": Bench(_mme, scorers.score_mme, mme_metrics, "perception_plus_cognition"),
 }
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 import rewards
 from benchmarks import catalog, scorers
+from grading import answers
 from toy import task as toy
 from training import data
 
@@ -69,15 +70,15 @@ def open_image(sources):
     return canvas
 
 
-def final_answer(text, prompt, counts):
-    """r1vl: the text after the final-answer header (else the whole reply, counted); plain: the whole reply."""
-    if prompt == "plain":
-        return text
-    answer = rewards.extract_answer(text)
-    if answer is None:
-        counts["no_final_answer"] += 1
-        return text
-    return answer
+def final_answer(text, prompt, counts, extract=False):
+    """r1vl: the text after the final-answer header. Else (plain, or r1vl without one: counted) the whole reply,
+    which the official rules read themselves; where the official pipeline extracts the answer instead (`extract`),
+    the one answers.stated_answer reads ('Final answer: 14', 'the answer is 14 cm', \\boxed{14}, the last line)."""
+    answer = rewards.extract_answer(text) if prompt == "r1vl" else None
+    if answer is not None:
+        return answer
+    counts["no_final_answer"] += prompt == "r1vl"
+    return (answers.stated_answer(text) or text) if extract else text
 
 
 def score(bench, recs, preds, prompt, counts, extracted=False):
@@ -91,7 +92,8 @@ def score(bench, recs, preds, prompt, counts, extracted=False):
             flags.append(False)
             valid.append(0.0)
             continue
-        answer = text if extracted else final_answer(rewards.visible_reply(text), prompt, counts)
+        extract = bench != "toy" and catalog.BENCHES[bench].extract
+        answer = text if extracted else final_answer(rewards.visible_reply(text), prompt, counts, extract)
         if bench == "toy":
             valid.append(rewards.step_rvr(text))
             flags.append(bool(rewards.is_correct(answer, r["answer"])))

@@ -10,6 +10,7 @@ from decimal import Decimal
 from rapidfuzz.distance import Levenshtein
 
 import rewards
+from grading import answers
 from benchmarks.latex_value import latex_value
 
 LETTERS = "ABCDEFGHIJ"
@@ -169,12 +170,14 @@ def mathvision_equal(a, b):
 
 
 def score_dynamath(rec, answer):
-    """DynaMath's official rules on the 'short answer' of a JSON reply (else the whole answer). float: the
+    """DynaMath's official rules on the 'short answer' of a JSON reply (else answers.stated_answer). float: the
     first token (× π if it holds π) within 0.001 (our fallback for prose: the last number); multiple
     choice: the letter, or the gold letter in the first 3 characters; text: the gold string inside."""
     text, gold = answer.strip(), rec["answer"]
-    with suppress(ValueError, KeyError, TypeError):
+    try:
         text = str(json.loads(text[text.find("{"):text.rfind("}") + 1].replace("\\", ""), strict=False)["short answer"])
+    except (ValueError, KeyError, TypeError):          # no JSON: the official pipeline asks an LLM, we read it by rule
+        text = answers.stated_answer(text) or text
     if rec["atype"] == "multiple choice":
         return text == gold if len(text) == 1 else gold in text[:3]
     if to_float(gold) is None or rec["atype"] == "text":

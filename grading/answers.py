@@ -76,6 +76,35 @@ def extract_answer(text):
     return _clean(tail[at:].split("\n")[0]) if at >= 0 else None
 
 
+# Phrases that state a final answer, English and Chinese; the text after the last one is the answer.
+_STATED = re.compile(r"(?:\b(?:the\s+)?(?:final|correct)\s+answer\s*(?:is|:)|\bthe\s+answer\s*(?:is|:)|^\s*answer\s*:"
+                     r"|最终答案\s*(?:是|为)?|答案\s*(?:是|为|(?=[:：])))[ \t]*[:：]?[ \t]*", re.I | re.M)
+_IS_TAIL = re.compile(r"\b(?:is|are|equals|was)\s+(?:approximately\s+|about\s+|roughly\s+)?(?=\S)|≈\s*", re.I)
+
+
+def stated_answer(text):
+    """The final answer of a free-form reply (a chain of thought, say), by rule, or None if it is empty.
+
+    In order: what extract_answer reads (the '### The final answer is:' header, the last \\boxed{}, a
+    closing 'The answer is X'); else the text after the last stated-answer phrase ('Final answer:',
+    'the answer is', 'the correct answer is', 'Answer:', '答案是', '答案为', '最终答案'), on its line
+    or the next non-empty one; else the last non-empty line, cut after its last 'is' when it is a
+    sentence ('... the distance is approximately 22.3 meters.' gives '22.3 meters').
+    """
+    text = visible_reply(text) if isinstance(text, str) else ""
+    if not text.strip():
+        return None
+    if (answer := extract_answer(text)) is not None:
+        return answer
+    if stated := list(_STATED.finditer(text)):
+        rest = text[stated[-1].end():].strip()
+        if rest and (answer := _clean(rest.split("\n")[0].rstrip("。"))):
+            return answer
+    last = text.strip().split("\n")[-1].strip().rstrip("\"',。")    # a quoted reply's closing quote, too
+    cuts = list(_IS_TAIL.finditer(last))
+    return _clean(last[cuts[-1].end():] if cuts and " " in last[cuts[-1].end():] + " " else last) or last
+
+
 # ---------------------------------------------------------------------------- answer correctness
 _CHOICE = re.compile(r"^(?i:option|choice)?\s*(?:\(([A-H])\)|([A-H])(?=[.:)]|$))\s*[.:)]?\s*(.*)$", re.S)
 # [x =] [$] 1,000[.5] [/ 4] [%] [up to three unit words, never 'or'/'and'/'to': '5 or 6' is no number]

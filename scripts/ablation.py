@@ -38,6 +38,8 @@ import statistics
 import subprocess
 import sys
 
+from training import flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: train.py, evaluate.py
 ARMS = ["outcome", "steprar", "steprvr", "step", "sft"]
 KINDS = ["outcome", "steprar", "steprvr", "step"]
@@ -169,8 +171,23 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def check(p, a):
+    """The settings that would crash a run or train nothing, refused in one line (exit 2)."""
+    for name in ("steps", "jobs", "eval_n", "curve_n", "max_new_tokens", "probe_n"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be at least 1 (got {getattr(a, name)})")
+    if a.eval_every < 0:
+        p.error(f"--eval_every must be 0 (no curves) or more (got {a.eval_every})")
+    if not a.sft_lr > 0:
+        p.error(f"--sft_lr must be above 0 (got {a.sft_lr})")
+    if a.teacher_noise is not None and not 0 <= a.teacher_noise <= 1:
+        p.error(f"--teacher_noise is a share of the warm-up paths: it must be in [0, 1] (got {a.teacher_noise})")
+    if len(set(a.seeds)) < len(a.seeds):
+        p.error(f"--seeds repeats a seed (got {a.seeds}): each run would be done twice")
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults)
     p.add_argument("--regime", default="dense", choices=sorted(REGIMES), help="the toy task's reward density")
     p.add_argument("--warmup", help="warm-up model folder (default: run train.py --stage sft once)")
     p.add_argument("--out_dir", default=None, help="runs, evaluations, results.json (default out/ablation-<regime>)")
@@ -188,6 +205,7 @@ def main():
     p.add_argument("--probe_n", type=int, default=64, help="training questions sampled (x4) from the warm-up at step 0")
     p.add_argument("--plot", help="chart path (default: <out_dir>/ablation.png)")
     args = p.parse_args()
+    check(p, args)
     args.out_dir = os.path.abspath(args.out_dir or os.path.join("out", f"ablation-{args.regime}"))
     args.plot = args.plot or os.path.join(args.out_dir, "ablation.png")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it

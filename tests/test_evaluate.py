@@ -517,3 +517,147 @@ def test_help_shows_every_flag_with_a_default_and_a_line_of_help(capsys):
 def test_toy_generates_with_the_training_length_and_other_benches_with_the_papers():
     assert ev.parse_args(["--bench", "toy", "--model", "tiny"]).max_new_tokens == ev.TOY_MAX_NEW_TOKENS == 160
     assert ev.parse_args(["--bench", "mme", "--model", "tiny"]).max_new_tokens == 2048
+
+
+# ----------------------------------------------------------------------------- refusals: the wrong file is never scored
+SHARED_FILES = {"mathvision": "mathvision/data/test.jsonl", "mathvista": "mathvista/data/testmini.json",
+                "hallusionbench": "hallusionbench/HallusionBench.json", "dynamath": "dynamath/dataset/dataset.json",
+                "mme": "mme/eval_tool/Your_Results"}
+
+
+@needs_shared
+@pytest.mark.parametrize("own", SHARED_FILES)
+def test_a_benchmark_file_loads_as_no_other_benchmark(own):
+    for bench in set(bm.BENCHES) - {own}:
+        with pytest.raises((ValueError, FileNotFoundError), match=f"not a {bench} record|no {bench} data") as err:
+            bm.load(bench, SHARED / SHARED_FILES[own])
+        assert "\n" not in str(err.value)
+
+
+def refused(argv, capsys=None):
+    with pytest.raises(SystemExit) as err:
+        ev.main(argv)
+    line = str(err.value) if err.value.code not in (0, 2) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\n" not in line
+    return line
+
+
+def mathv_predictions(tmp_path, header=None):
+    rows = [json.loads(l) for l in open(SHARED / "mathvision/outputs/Random-Chance.jsonl")]
+    return write_jsonl(tmp_path / "p.jsonl", ([{"produced_by": header}] if header else [])
+                       + [{"id": r["id"], "prediction": r["response"]} for r in rows])
+
+
+@needs_shared
+def test_predictions_of_another_benchmark_are_refused_by_their_header(tmp_path):
+    preds = mathv_predictions(tmp_path, {"bench": "mathvision", "data": str(SHARED / SHARED_FILES["mathvision"])})
+    line = refused(["--bench", "mathvista", "--data", str(SHARED / SHARED_FILES["mathvista"]), "--predictions", str(preds)])
+    assert "made for --bench mathvision" in line
+
+
+@needs_shared
+def test_predictions_made_on_another_data_file_are_refused_by_their_header(tmp_path):
+    preds = mathv_predictions(tmp_path, {"bench": "mathvision", "data": str(SHARED / SHARED_FILES["mathvision"])})
+    line = refused(["--bench", "mathvision", "--data", str(SHARED / "mathvision/data/testmini.jsonl"),
+                    "--predictions", str(preds)])
+    assert "test.jsonl" in line and "pass that file" in line
+
+
+@needs_shared
+def test_predictions_whose_ids_are_mostly_not_the_datas_are_refused(tmp_path):
+    """No header: MATH-V's 3,040 ids against MathVista's 1,000 pids, a third known, are under the 50 % needed."""
+    line = refused(["--bench", "mathvista", "--data", str(SHARED / SHARED_FILES["mathvista"]),
+                    "--predictions", str(mathv_predictions(tmp_path))])
+    assert "1000 of its 3040 ids" in line and "another benchmark or split" in line
+
+
+def test_predictions_with_no_known_id_are_refused(tmp_path):
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"id": "nope", "prediction": "8"}])
+    assert "0 of its 1 ids" in refused(["--bench", "toy", "--predictions", str(preds)])
+
+
+@pytest.mark.parametrize("flags, message", [(["--limit", "0"], "--limit must be at least 1"),
+                                            (["--limit", "-5"], "--limit must be at least 1"),
+                                            (["--batch_size", "0"], "--batch_size must be at least 1"),
+                                            (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+                                            (["--min_pixels", "900", "--max_pixels", "800"], "is above --max_pixels"),
+                                            (["--data", "x.tsv"], "drop --data"),
+                                            (["--overwrite"], "nothing is generated")])
+def test_evaluate_refuses_ranges_and_contradictions_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        ev.parse_args(["--bench", "toy", "--predictions", "p.jsonl", *flags])
+    assert err.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_file_with_nothing_to_score_is_an_error_that_says_why(tmp_path):
+    rows = [{"sample_index": str(i), "problem_version": "Text Only", "question": "q", "answer": "1", "image": ""}
+            for i in range(3)]
+    (tmp_path / "testmini.json").write_text(json.dumps(rows))
+    line = refused(["--bench", "mathverse", "--data", str(tmp_path / "testmini.json"), "--predictions",
+                    str(write_jsonl(tmp_path / "p.jsonl", [{"id": "0", "prediction": "1"}]))])
+    assert "no mathverse record to score" in line and "text-only" in line
+
+
+def test_a_model_that_cannot_be_loaded_stops_with_one_line(tmp_path, monkeypatch):
+    def unreachable(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+    monkeypatch.setattr(ev.model, "load", unreachable)
+    line = refused(["--bench", "toy", "--model", "Org/model", "--limit", "1", "--out", str(tmp_path / "p.jsonl")])
+    assert line.startswith("cannot load model 'Org/model': We couldn't connect")
+
+
+# ----------------------------------------------------------------------------- ChartQA labels, final answers in a reply
+def test_chartqa_official_label_is_one_string_compared_whole(tmp_path):
+    (tmp_path / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "q", "label": "[2014, 2016]"}]))
+    rec = bm.load("chartqa", tmp_path)[0]
+    assert rec["answer"] == ["[2014, 2016]"]
+    assert sc.score_chartqa(rec, "[2014, 2016]") and not sc.score_chartqa(rec, "2014")
+
+
+def test_chartqa_tsv_list_answers_stay_alternatives_as_vlmevalkit_reads_them(tmp_path):
+    write_tsv(tmp_path / "ChartQA_TEST.tsv", [{"index": 0, "image": b64() * 3, "question": "q",
+                                              "answer": "['2013', '2016']", "split": "human"}])
+    rec = bm.load("chartqa", tmp_path / "ChartQA_TEST.tsv")[0]
+    assert rec["answer"] == ["2013", "2016"] and sc.score_chartqa(rec, "2013")
+
+
+MATHVERSE_DEMO = {   # evaluation/prompts.py of ZrrSkywalker/MathVerse: model responses and their extracted answers
+    "(-2, 1)": "Rounded to two decimal places, the perimeter of the sector is approximately:\n\n(-2, 1)",
+    "D": "at those points.\n\nTherefore, the correct option that represents the meaning of the intersection points of "
+         "the graphs is:\n\nD. They give the solutions to the equation $f(t)=g(t)$.\",",
+    "Domain: \\((-3, 3]\\)\nRange: \\((-4, 1]\\)": " at 1 (there's a closed circle at y = 1), the range in interval "
+         "notation is \\((-4, 1]\\).\n\nFinal values:\nDomain: \\((-3, 3]\\)\nRange: \\((-4, 1]\\)",
+    "22.3": "Given that AB = 17.6 meters, we can now substitute into the equation:\n\nd = 17.6 / cos(38\u00b0)\n\n"
+            "Therefore, to one decimal place, the distance d between Ned and Bart is approximately 22.3 meters.",
+    "f(x) = -x^2 - 2x + 1": " have all the coefficients for the quadratic function:\n\\( f(x) = ax^2 + bx + c \\)\n"
+        "\\( f(x) = -1x^2 - 2x + 1 \\)\n\nTherefore, the equation for the graphed function \\( f \\) is:\n"
+        "\\( f(x) = -x^2 - 2x + 1 \\)\"",
+}
+
+
+@pytest.mark.parametrize("prompt", ["plain", "r1vl"])
+def test_mathverse_scores_the_stated_final_answer_of_its_published_example_replies(prompt):
+    """The single-value examples (not the two-line Domain/Range one) are right by their stated answer; the free-form
+    ones were wrong when the whole reply was compared with the gold."""
+    demo = {gold: reply for gold, reply in MATHVERSE_DEMO.items() if "\n" not in gold}
+    recs = [{"id": str(i), "answer": gold, "qtype": "multi-choice" if gold == "D" else "free-form"}
+            for i, gold in enumerate(demo)]
+    counts = Counter()
+    flags, _ = ev.score("mathverse", recs, dict(zip((r["id"] for r in recs), demo.values())), prompt, counts)
+    assert flags == [True] * 4 and counts["no_final_answer"] == (4 if prompt == "r1vl" else 0)
+    assert not any(sc.score_mathverse(r, reply) for r, reply in zip(recs, demo.values()) if r["qtype"] == "free-form")
+
+
+def test_official_rules_that_read_the_whole_reply_still_get_it():
+    """MATH-V's rule scorer extracts by itself: a reply ending on a stray line is not cut to that line."""
+    rec = {"id": "1", "answer": "B", "options": ["3", "8"]}
+    reply = "The answer is B.\nI hope this helps"
+    flags, _ = ev.score("mathvision", [rec], {"1": reply}, "plain", Counter())
+    assert flags == [bool(sc.score_mathvision(rec, reply))]
+
+
+@pytest.mark.parametrize("reply, ok", [("The sides add up.\nFinal answer: 14", True), ("so the answer is 14 cm.", True),
+                                       ("Hence $\\boxed{14}$ is the value.", True), ("所以答案是 14。", True),
+                                       ("it is 15, not 14", False)])
+def test_dynamath_reads_the_stated_answer_of_a_reply_without_json(reply, ok):
+    assert sc.score_dynamath({"answer": "14", "atype": "float"}, reply) is ok

@@ -160,7 +160,8 @@ def test_a_pretrained_model_on_the_toy_task_gets_the_pretrained_preset(tmp_path)
     assert T.setup(args).args.sft_lr == 2e-5 and paper_sft_lr(8.3e9) == 5e-6
 
 
-def test_lora_under_fsdp_is_refused_with_one_line(tmp_path):
+def test_lora_under_fsdp_is_refused_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")                  # as torchrun sets it: --fsdp alone is refused without
     with pytest.raises(SystemExit) as err:
         T.main(["--out_dir", str(tmp_path / "out"), "--fsdp", *LORA])
     assert "use data parallel" in str(err.value) and "\n" not in str(err.value)

@@ -586,3 +586,23 @@ def test_other_reasoning_matches_fewer_key_steps():
                 "### The final answer is: 56")
     assert match_key_steps(other, key_steps)[0] < 0.5
     assert step_rar(other, "60", key_steps) < ALPHA / 2
+
+
+# ---------------------------------------------------------------------------- final answers stated in a free-form reply
+from grading.answers import stated_answer  # noqa: E402
+
+
+@pytest.mark.parametrize("reply, answer", [
+    ("The legs are 6 and 8.\n### The final answer is: 10", "10"),          # R1-VL's header first
+    ("First, 6 + 8 = 14.\nFinal answer: 14", "14"),
+    ("Adding the sides, the answer is 14 cm.\nThat is all.", "14 cm"),     # the phrase wins over the last line
+    ("So the perimeter is $\\boxed{14}$ in total.", "14"),
+    ("两边相加，所以答案是 14。", "14"),
+    ("由图可知\n答案：B", "B"),
+    ("最终答案为 7", "7"),
+    ("We count the apples.\nThere are 5 apples.", "5 apples"),            # the last line, cut after its 'is'/'are'
+    ("Thinking.\n(-2, 1)", "(-2, 1)"),
+    ("  ", None),
+])
+def test_stated_answer_reads_the_final_answer_of_a_chain_of_thought(reply, answer):
+    assert stated_answer(reply) == answer

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import checkpoint
+from training import checkpoint, logs
 import model as M
 import rollout as R
 import train as T
@@ -278,11 +278,11 @@ def test_a_fresh_run_never_deletes_another_runs_checkpoint(warm, tmp_path):
 
 
 def test_summary_is_valid_json_when_a_metric_has_no_value(tmp_path):
-    """No RL sample at all (every prompt over the length limit): the summary says null, never NaN."""
-    res = train(tmp_path, *RL, "--max_steps", "1", "--max_prompt_len", "8", "--model", "tiny")
-    summary = json.loads(res.stdout.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(c))
-    assert summary["skipped"]["long_prompt"] == 4 and summary["reward_first"] is None
-    json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=lambda c: pytest.fail(c))
+    """RL steps without a sample (every prompt of the step skipped): the summary says null, never NaN."""
+    row = logs.finite({"stage": "rl", "step": 1, "reward": None, "kl": float("nan")})
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    summary = json.loads(json.dumps(logs.finite(logs.reward_summary(tmp_path))), parse_constant=lambda c: pytest.fail(c))
+    assert summary["reward_first"] is None and row["kl"] is None
 
 
 # ---------------------------------------------------------------------------- several processes (gloo)

@@ -1,0 +1,68 @@
+"""training/flags.py: the settings train.py refuses, each in one line (argparse's error: usage, the line, exit 2).
+
+A setting is refused when it crashes later, or when the run would end "successfully" having trained
+nothing: a group of one completion has no spread, so Eq. 4 gives every advantage 0; temperature 0
+divides the logits by zero; zero steps, prompts or accumulation steps leave nothing to update.
+"""
+import argparse
+import os
+
+
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already says what the default is."""
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+def check(p, a):
+    """Ranges of the numbers and contradictions between flags; p.error exits with one line."""
+    rl, sft = a.stage != "sft", a.stage != "rl"
+    for name in ("save_every", "micro_batch", "max_new_tokens", "max_prompt_len", "ppo_epochs", "prompts_per_step",
+                 "grad_accum", "sft_batch", *(["max_steps"] if rl else []), *(["sft_steps"] if sft else [])):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be at least 1 (got {getattr(a, name)})")
+    for name in ("stop_after", "eval_every", "eval_n", "log_rollouts_every", "max_steps", "sft_steps"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name} must be 0 or more (got {getattr(a, name)})")
+    for name in ("lr", "sft_lr", "temperature", "clip_eps"):          # sft_lr None: chosen by model size
+        if getattr(a, name) is not None and not getattr(a, name) > 0:
+            p.error(f"--{name} must be above 0 (got {getattr(a, name)})")
+    for name in ("beta", "alpha", "sft_weight_decay"):
+        if not getattr(a, name) >= 0:
+            p.error(f"--{name} must be 0 or more (got {getattr(a, name)})")
+    if rl and a.num_generations < 2:
+        p.error(f"--num_generations must be at least 2: a group of {a.num_generations} has no reward spread, "
+                "so every advantage (Eq. 4) is 0 and nothing is learnt")
+    if not 0 < a.top_p <= 1:
+        p.error(f"--top_p must be in (0, 1] (got {a.top_p})")
+    if a.top_p < 1 and rl:
+        p.error("--top_p < 1 samples from the nucleus, but the loss scores the full distribution: use --top_p 1 in RL")
+    if a.tis_cap != 0 and not a.tis_cap >= 1:
+        p.error(f"--tis_cap must be 0 (off) or at least 1: a cap below 1 scales down on-policy tokens too (got {a.tis_cap})")
+    if not 0 <= a.teacher_noise <= 1:
+        p.error(f"--teacher_noise is a share of the warm-up paths: it must be in [0, 1] (got {a.teacher_noise})")
+    if a.resume and a.overwrite:
+        p.error("--resume continues the checkpoint that --overwrite would replace: pass one of them")
+    if not rl and (a.reward, a.reward_impl) != (p.get_default("reward"), p.get_default("reward_impl")):
+        p.error("--reward and --reward_impl choose the RL reward; --stage sft has none: drop them or use --stage both")
+    if a.eval_every and a.data != "toy" and not getattr(a, "eval_data", None):
+        p.error("--eval_every scores a held-out set, and only --data toy has one (--eval_n): drop --eval_every")
+    given_eval_every = a.eval_every != p.get_default("eval_every")      # a preset's with --eval_n 0 is just off
+    if a.eval_every and a.data == "toy" and not a.eval_n and given_eval_every:
+        p.error("--eval_every scores --eval_n held-out questions: give --eval_n > 0, or drop --eval_every")
+    if a.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards over processes started by torchrun: torchrun --nproc_per_node N train.py --fsdp ...")
+
+
+def require_kept(run, kept):
+    """Stop at a run's first step if no rank kept a sample: every later step would skip the same way."""
+    import torch                     # here, so that the scripts' --help does not wait for torch
+    import torch.distributed as dist
+    flag = torch.tensor(float(kept), device=run.device)
+    if run.ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag:
+        a, s = run.args, run.skipped
+        raise SystemExit(f"error: the first step kept no sample ({s['long_prompt']} prompts longer than --max_prompt_len "
+                         f"{a.max_prompt_len}, {len(run.bad_images)} unreadable images): raise --max_prompt_len, or check "
+                         "--data and --image_root")
