@@ -30,7 +30,7 @@ from qwen.tiny import TINY_MODELS
 from benchmarks import harness
 from toy import task as toy
 from training import checkpoint, data, flags, heldout, logs, lora, parallel
-from training.setup import all_skips, generate, load_model, lora_reference, open_images, placeholder_rollout, setup
+from training.setup import all_skips, compute_dtype, generate, load_model, lora_reference, open_images, placeholder_rollout, setup
 
 
 # ----------------------------------------------------------------------------- config
@@ -290,7 +290,12 @@ def load_reference(run):
     start = os.path.join(run.args.out_dir, "warmup") if run.args.stage == "both" else run.args.model
     if run.args.lora_rank:
         return lora_reference(run, start)
-    return load_model(run.args, start, run.device)[0].eval().requires_grad_(False)
+    net = load_model(run.args, start, run.device)[0]
+    if compute_dtype(run.args, run.device) == torch.bfloat16 and not run.args.fsdp:
+        # autocast casts every matmul weight to bf16 anyway: kept cast (the sampling copy's layout), the
+        # reference computes the same bits in half the memory; under FSDP it stays sharded in fp32 instead.
+        net = M.inference_copy(net, torch.bfloat16)
+    return net.eval().requires_grad_(False)
 
 
 def rl(run):

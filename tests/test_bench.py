@@ -27,13 +27,16 @@ def test_bench_times_the_training_step_and_the_decode_tables(tmp_path, monkeypat
 
 def test_memory_counts_every_byte_of_the_2b_setups_on_the_meta_device():
     """bench.py --memory's accounting (training/memory.py) for the Qwen2-VL-2B: fp32 master weights, gradients and
-    two AdamW moments, an fp32 reference; FSDP splits them; LoRA trains 64·(in + out) per text Linear layer."""
+    two AdamW moments, a reference in the sampling copy's bf16 layout (fp32 shards under FSDP); FSDP splits them;
+    LoRA trains 64·(in + out) per text Linear layer."""
     from training import memory
     full, fsdp, frozen, lora = (memory.account("Qwen2-VL-2B", **kw) for kw in (
         {}, dict(fsdp=True, world=4), dict(freeze_vision=True), dict(lora_rank=64)))
     n = full["params"]
     assert n == 2_208_985_600                                            # the published 2B
-    assert (full["weights"], full["gradients"], full["optimizer"], full["reference"]) == (4 * n, 4 * n, 8 * n, 4 * n)
+    assert (full["weights"], full["gradients"], full["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    assert full["reference"] == full["sampling_copy"] and 2 * n < full["reference"] < 4 * n / 1.5
+    assert fsdp["reference"] == fsdp["weights"]
     assert 4 * n / 4 <= fsdp["weights"] < 4 * n / 4 + 2 ** 20 and fsdp["fsdp_gathered"] > 0
     vision = memory.meta_model("Qwen2-VL-2B").model.visual
     tower = sum(q.numel() for name, q in vision.named_parameters() if "merger" not in name)

@@ -60,6 +60,15 @@ def kv_cache_bytes(net):
     return 2 * keys + rows * length + 8 * length                                                # + valid, slots
 
 
+def reference_bytes(architecture, fsdp, world):
+    """train.load_reference under bf16 autocast: whole, with its matmul weights in bf16 (the sampling copy's
+    layout); under FSDP sharded like the policy, in fp32."""
+    ref = meta_model(architecture)
+    if fsdp:
+        return sum(shard_bytes(q, world) for q in ref.parameters())
+    return sum(q.numel() * q.element_size() for q in M.inference_copy(ref, torch.bfloat16).parameters())
+
+
 def account(architecture, lora_rank=0, freeze_vision=False, fsdp=False, world=1):
     """{part: bytes on one GPU} for one setup of train.py (see the module docstring)."""
     args = argparse.Namespace(lora_rank=lora_rank, lora_alpha=None, lora_dropout=0.0, lora_targets="language",
@@ -75,7 +84,7 @@ def account(architecture, lora_rank=0, freeze_vision=False, fsdp=False, world=1)
     out = dict(weights=sum(shard_bytes(q, n) for q in params),
                gradients=sum(shard_bytes(q, n) for q in trained),
                optimizer=2 * sum(shard_bytes(q, n) for q in trained),
-               reference=0 if lora_rank else sum(shard_bytes(q, n) for q in meta_model(architecture).parameters()),
+               reference=0 if lora_rank else reference_bytes(architecture, fsdp, n),
                sampling_copy=sum(q.numel() * q.element_size() for q in M.inference_copy(net, torch.bfloat16).parameters()),
                kv_cache=kv_cache_bytes(net))
     if fsdp:
