@@ -74,6 +74,7 @@ from benchmarks import harness
 from benchmarks.harness import final_answer, headline, metrics, open_image, question, score  # noqa: F401 (shared with training)
 from qwen import tiny
 from toy import task as toy
+from training import flags
 
 log = logging.getLogger("evaluate")
 BENCHES = harness.BENCHES
@@ -215,15 +216,8 @@ def generate_batch(chunk, preds, args, out_path, counts, policy, tokenizer, imag
 
 # ----------------------------------------------------------------------------- scoring
 # ----------------------------------------------------------------------------- CLI
-class ShowDefaults(argparse.HelpFormatter):
-    """Every flag's help ends with its default, unless the help already says it."""
-    def _get_help_string(self, action):
-        shown = "default" in action.help or action.required or action.default is argparse.SUPPRESS
-        return action.help if shown else f"{action.help} (default: %(default)s)"
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=ShowDefaults)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults)
     p.add_argument("--bench", required=True, choices=BENCHES, help="benchmark")
     p.add_argument("--data", help="benchmark file or folder (TSV, parquet, official JSON/JSONL/txt); not for toy")
     p.add_argument("--image_root", help="folder holding the images of official JSON files (default: beside them)")

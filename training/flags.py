@@ -9,9 +9,11 @@ import os
 
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's help ends with its default, unless the help already says what the default is."""
+    """Every flag's help ends with its default, unless the help already says what the default is (or the flag is
+    required: it has none)."""
     def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        shown = "default" in (action.help or "") or action.required
+        return action.help if shown else super()._get_help_string(action)
 
 
 def check(p, a):
