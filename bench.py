@@ -206,7 +206,8 @@ def position_profile(run, rows, length, window=64, compile=False):
     last `window` steps, at most a quarter each, timed one by one, fastest of two runs): a static cache
     makes them equal, however the step's cost compares with that of a shorter generation's."""
     s, sync = samples(1, (112, 112))[0], (torch.cuda.synchronize if run.device.type == "cuda" else lambda: None)
-    times, inner = [], rollout.compiled_decode_step() if compile else rollout.decode_step
+    cuda = run.device.type == "cuda"
+    times, inner = [], rollout.compiled_decode_step(cuda) if compile else rollout.decode_step
 
     def step(*args):
         sync()
@@ -215,7 +216,7 @@ def position_profile(run, rows, length, window=64, compile=False):
         sync()
         times.append(time.perf_counter() - t)
         return out
-    patched = ("compiled_decode_step", lambda: step) if compile else ("decode_step", step)
+    patched = ("compiled_decode_step", lambda cuda=True: step) if compile else ("decode_step", step)
     original = getattr(rollout, patched[0])
     setattr(rollout, patched[0], patched[1])
     runs = []

@@ -33,7 +33,6 @@ from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_p
 log = logging.getLogger(__name__)
 
 CACHE_ROUND = 256   # cache lengths, and the slots a step attends over, are rounded up to a multiple of this
-KEEP_CACHES = 4     # compiled decoding keeps the static caches of the last few shapes, for their CUDA graphs
 CHECK_EVERY = 8     # steps between checks that every row has stopped (each check waits for the device)
 
 
@@ -48,7 +47,8 @@ class Rollout:
     texts: list                   # [N] decoded completions (special tokens dropped)
     group: torch.Tensor           # [N] index into `kept` of the prompt each row answers
     kept: list                    # indices of the inputs that were generated (others skipped: prompt too long)
-    suppress_ids: list            # token ids removed from the sampling distribution
+    suppress_ids: torch.Tensor    # token ids removed from the sampling distribution (on the device: the scorer
+                                  # indexes with it per chunk, no host-to-device copy)
 
     def rows(self, idx):
         """(prompt sub-batch, completion ids, completion mask) for rows `idx`, e.g. one micro-batch,
@@ -79,8 +79,8 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     depend on which other prompts share the batch (or rank); without it the global RNG is used.
     `ignore_eos` generates exactly `max_new_tokens` per completion (fixed workloads for benchmarks).
     `compile` runs the decode step as a CUDA graph; the first call for each row bucket compiles it,
-    the first for each (row bucket, cache length) records its graph, and that cache is kept on the
-    model for the next calls of that shape.
+    the first for each (row bucket, attended window) records its graph, and the bucket's cache, sized
+    once for the longest prompt and completion, is kept on the model for the next calls.
     """
     batch = build_inputs(tokenizer, image_processor, images, questions, style, max_prompt_len, prompts)
     skipped = len(images) - (len(batch["kept"]) if batch else 0)
@@ -110,7 +110,8 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
         if compile:
             warn_once(f"{type(model).__name__} decodes eagerly with its own cache: no CUDA graph")
         start, step = prefill_own, own_decode_step
-    cache, hidden, next_pos = start(model, batch, group, max_new_tokens, keep=compile)
+    cache, hidden, next_pos = start(model, batch, group, max_new_tokens, keep=compile,
+                                    capacity=max(max_prompt_len, batch["input_ids"].shape[1]) + max_new_tokens)
     prompt_len = batch["input_ids"].shape[1]
     first_slot = torch.tensor([prompt_len], device=device)
     head = fp32_head(model)
@@ -140,14 +141,15 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
              for row, keep in zip(completion_ids, completion_mask.bool() & ~is_stop)]
     return Rollout(prompt=select_rows(batch, group), completion_ids=completion_ids, completion_mask=completion_mask,
                    logprobs=logps[:, :length] * completion_mask, truncated=truncated, texts=texts,
-                   group=group, kept=kept, suppress_ids=suppress)
+                   group=group, kept=kept, suppress_ids=suppress_t)
 
 
-def prefill(model, batch, group, max_new_tokens, keep=False):
+def prefill(model, batch, group, max_new_tokens, keep=False, capacity=0):
     """Run the prompts through the model's own forward (vision tower included) with their 3-D
     positions and copy each prompt's keys and values into the rows of its samples (`group`: the
     prompt of each row) in a fresh static cache. The prompts are left padded, so every row decodes
-    its t-th token into the same slot: prompt length + t.
+    its t-th token into the same slot: prompt length + t. With `keep` (compiled decoding) the cache is
+    the row bucket's, at least `capacity` slots long, reused by every later call that fits it.
 
     Returns (cache, hidden state that predicts each row's first token [n, D], 3-D position of each
     row's first new token [3, rows, 1]: its valid prompt length plus the image's rope delta)."""
@@ -157,7 +159,8 @@ def prefill(model, batch, group, max_new_tokens, keep=False):
     device = keys.device
     # Under autocast attention runs in the autocast dtype anyway, so the cache is kept in it.
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else keys.dtype
-    shape = (len(out.cache.layers), padded_rows(n), keys.shape[1], rounded(prompt_len + max_new_tokens), keys.shape[3])
+    length = rounded(max(prompt_len + max_new_tokens, capacity if keep else 0))
+    shape = (len(out.cache.layers), padded_rows(n), keys.shape[1], length, keys.shape[3])
     cache = kv_cache(model, shape, dtype, device, keep)
     for layer, k, v in zip(out.cache.layers, cache.k, cache.v):
         k[:n, :, :prompt_len] = layer.keys[group]
@@ -224,7 +227,7 @@ class ModelCache:
     mask: torch.Tensor    # [rows, prompt + tokens so far]
 
 
-def prefill_own(model, batch, group, max_new_tokens, keep=False):
+def prefill_own(model, batch, group, max_new_tokens, keep=False, capacity=0):
     """prefill for decoders decode_step does not compute: the model's forward fills its own cache, whose
     rows are then repeated for each prompt's samples (`group`). Same returns as prefill."""
     out, first_pos = forward_prompts(model, batch)
@@ -271,21 +274,19 @@ def rounded(slots):
 
 
 def kv_cache(model, shape, dtype, device, keep=False):
-    """A KVCache of `shape` (layers, rows, kv_heads, length, head_dim). With `keep` (compiled decoding)
-    the caches of the last KEEP_CACHES shapes are kept on the model and reused, so a captured CUDA graph
-    finds its cache at the same address; one compiled step serves every cache length (prompts differ in
-    length: the length is marked dynamic); the row buckets are compiled one by one."""
+    """A KVCache of `shape` (layers, rows, kv_heads, length, head_dim). With `keep` (compiled decoding) there is
+    one cache per row bucket, kept on the model and reused by every call whose length fits it, so a captured
+    CUDA graph finds its cache at the same address and nothing is allocated (or recorded) again; prefill sizes
+    it once for the longest prompt and completion. A longer call replaces it (one compiled step serves every
+    length: the length is marked dynamic)."""
     caches = model.__dict__.setdefault("_kv_caches", {}) if keep else {}
-    if (shape, dtype) not in caches:
-        layers, rows, kv_heads, length, head_dim = shape
+    layers, rows, kv_heads, length, head_dim = shape
+    key = (layers, rows, kv_heads, head_dim, dtype)
+    if key not in caches or caches[key].slots.shape[0] < length:
         new = [torch.zeros(rows, kv_heads, length, head_dim, dtype=dtype, device=device) for _ in range(2 * layers)]
-        cache = KVCache(new[:layers], new[layers:], torch.ones(rows, length, dtype=torch.bool, device=device),
-                        torch.arange(length, device=device))
-        while len(caches) >= KEEP_CACHES:
-            caches.pop(next(iter(caches)))                 # the least recently used
-        caches[shape, dtype] = cache
-    caches[shape, dtype] = caches.pop((shape, dtype))      # now the most recently used
-    return caches[shape, dtype]
+        caches[key] = KVCache(new[:layers], new[layers:], torch.ones(rows, length, dtype=torch.bool, device=device),
+                              torch.arange(length, device=device))
+    return caches[key]
 
 
 def window(cache, slot, compiled=False):

@@ -20,7 +20,6 @@ bf16 autocast and rollouts are sampled from a bf16 copy of the weights, refreshe
 import argparse, dataclasses, json, math, os, sys, time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M, rewards
@@ -122,9 +121,7 @@ def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
 def optimizer_step(run, optimizer, scheduler, loss_value):
     """Sync, clip and step, unless the loss was not finite on some rank (then skip and log); then refresh the
     sampler's copy of the weights. Returns the gradient norm before clipping."""
-    bad = torch.tensor(float(not math.isfinite(loss_value)), device=run.device)
-    if run.ddp:
-        dist.all_reduce(bad)
+    bad = parallel.all_reduce(float(not math.isfinite(loss_value)), run.device, run.ddp)
     params = [q for q in run.policy.parameters() if q.requires_grad]
     parallel.sync_gradients(params, run.world)
     norm = parallel.clip_gradients(params, 1.0)
@@ -166,9 +163,7 @@ def sft_loss(run, samples, images):
         batch.pop("kept")
         responses, weight = [""], 0.0
     targets = [run.tokenizer(r + "<|im_end|>", add_special_tokens=False)["input_ids"][:a.max_new_tokens] for r in responses]
-    count = torch.tensor(float(sum(map(len, targets))) * weight, device=run.device)
-    if run.ddp:
-        dist.all_reduce(count)
+    count = parallel.all_reduce(float(sum(map(len, targets))) * weight, run.device, run.ddp).float()
     if not targets:
         return torch.zeros((), device=run.device)
     ids = torch.full((len(targets), max(map(len, targets))), run.tokenizer.pad_token_id, dtype=torch.long)
@@ -198,10 +193,7 @@ def sft(run):
         if loss.requires_grad:
             loss.backward()
         norm = optimizer_step(run, optimizer, scheduler, loss.item())
-        loss = loss.detach()
-        if run.ddp:                                     # log the global mean, not this rank's share
-            dist.all_reduce(loss)
-            loss /= run.world
+        loss = parallel.all_reduce(loss.item(), run.device, run.ddp) / run.world   # the global mean, not this rank's share
         run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
         heldout.at(run, "sft", step + 1)                # every --eval_every steps, and the last
@@ -252,9 +244,7 @@ def update(run, batch, optimizer, scheduler):
                if a.beta else None for rows, _ in jobs]
     with timer("update"):
         n = 0 if not batch.rewards else float(ro.completion_mask.sum()) if a.loss_norm == "token" else len(batch.rewards)
-        count = torch.tensor(float(n), device=run.device)
-        if run.ddp:
-            dist.all_reduce(count)
+        count = parallel.all_reduce(float(n), run.device, run.ddp).float()
         old, stats = [None] * len(jobs), []
         for epoch in range(a.ppo_epochs):
             for j, (rows, weight) in enumerate(jobs):
@@ -280,7 +270,7 @@ def micro_batches(run, batch):
     across ranks under FSDP with weight-0 repeats so every rank runs the same number of sharded forwards."""
     order = batch.rollout.completion_mask.sum(1).argsort().tolist() if batch.rollout else []
     jobs = [order[s:s + run.args.micro_batch] for s in range(0, len(order), run.args.micro_batch)]
-    return parallel.lockstep(jobs, run.args.fsdp, run.ddp)
+    return parallel.lockstep(jobs, run.args.fsdp, run.ddp, run.device)
 
 
 def load_reference(run):
@@ -347,8 +337,7 @@ def main(argv=None):
                        skipped=skipped, out_dir=args.out_dir)
         run.log.finish()
         print(json.dumps(logs.finite(summary)))
-    if run.ddp:
-        dist.destroy_process_group()
+    parallel.close(finished=True)
 
 
 def save_pretrained(run, name):

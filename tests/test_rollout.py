@@ -124,26 +124,41 @@ def test_compiled_step_is_compiled_at_most_twice_per_row_bucket(tiny, toy_inputs
     cache (strided). CUDA graphs, on top of it on a GPU, are not tested here."""
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
+    tiny[0].__dict__.pop("_kv_caches", None)
     counter = CompileCounterWithBackend("inductor")
     step = torch.compile(R.decode_step, backend=counter, fullgraph=True, dynamic=False)
     monkeypatch.setattr(R, "compiled_decode_step", lambda cuda: step)
     prompt_len = M.build_inputs(*tiny[1:], *toy_inputs)["input_ids"].shape[1]
-    longer = R.CACHE_ROUND - prompt_len + 2                  # into the second cache length and window
-    for m, new_tokens, compiles in [(2, 12, 1), (2, longer, 2), (2, 12, 2), (1, 12, 3)]:
+    longer = R.CACHE_ROUND - prompt_len + 2                  # into the second attended window
+    # (samples, new tokens, longest prompt the cache is sized for, compiles so far): the first two calls
+    # attend over shorter windows than the cache, the last (a cache sized to this call) over its whole length
+    for m, new_tokens, max_prompt_len, compiles in [(2, 12, 512, 1), (2, longer, 512, 1), (1, 12, 512, 2),
+                                                    (4, longer, prompt_len, 4)]:
         kw = dict(num_samples=m, temperature=1.3, max_new_tokens=new_tokens, seeds=[1, 2, 3, 4], ignore_eos=True)
-        compiled = R.generate(*tiny, *toy_inputs, compile=True, **kw)
+        compiled = R.generate(*tiny, *toy_inputs, compile=True, max_prompt_len=max_prompt_len, **kw)
         assert torch.equal(compiled.completion_ids, R.generate(*tiny, *toy_inputs, **kw).completion_ids)
         assert counter.frame_count == compiles
-    assert {R.CACHE_ROUND, 2 * R.CACHE_ROUND} <= {shape[3] for shape, _ in tiny[0]._kv_caches}
+    sized = sorted([R.rounded(512 + 12)] * 2 + [R.rounded(prompt_len + longer)])   # by each bucket's first call
+    assert sorted(c.slots.shape[0] for c in tiny[0]._kv_caches.values()) == sized
 
 
-def test_compiled_decoding_keeps_the_caches_of_a_few_shapes(tiny):
-    model = type("Model", (), {})()
-    for length in range(1, R.KEEP_CACHES + 3):
-        R.kv_cache(model, (1, 1, 1, length, 2), torch.float32, "cpu", keep=True)
-    R.kv_cache(model, (1, 1, 1, 3, 2), torch.float32, "cpu", keep=True)     # used again: now the most recent
-    R.kv_cache(model, (1, 1, 1, 99, 2), torch.float32, "cpu", keep=True)
-    assert [shape[3] for shape, _ in model._kv_caches] == [5, 6, 3, 99]
+def test_compiled_decoding_allocates_one_cache_per_row_bucket(tiny, toy_inputs, monkeypatch):
+    """Training with held-out evaluation samples groups of several sizes, prompts of several lengths and (for the
+    evaluation) other completion lengths: each row bucket's cache is allocated once, sized for the longest prompt,
+    and reused, so CUDA graphs are recorded once per window, never again for a new cache."""
+    monkeypatch.setattr(R, "compiled_decode_step", lambda cuda: R.decode_step)   # the caches, not the compiler
+    net = tiny[0]
+    net.__dict__.pop("_kv_caches", None)
+    seen = []                                                # every cache object ever kept (held: ids stay unique)
+    images, questions = toy_inputs
+    for step in range(8):
+        m, new_tokens = (4, 16) if step % 3 else (1, 24)    # RL groups of 4; greedy evaluation, longer answers
+        prompts = [q + " and more" * (step % 4) for q in questions]
+        R.generate(net, *tiny[1:], images, prompts, num_samples=m, max_new_tokens=new_tokens, compile=True,
+                   max_prompt_len=200, seeds=[step] * len(images))
+        seen += [c for c in net._kv_caches.values() if all(c is not s for s in seen)]
+    buckets = {R.padded_rows(len(images) * m) for m in (4, 1)}
+    assert len(seen) == len(net._kv_caches) == len(buckets)
 
 
 def test_generation_prints_no_deprecation_warning(tiny, toy_inputs):

@@ -58,11 +58,8 @@ def check(p, a):
 
 def require_kept(run, kept):
     """Stop at a run's first step if no rank kept a sample: every later step would skip the same way."""
-    import torch                     # here, so that the scripts' --help does not wait for torch
-    import torch.distributed as dist
-    flag = torch.tensor(float(kept), device=run.device)
-    if run.ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    from training import parallel    # here, so that the scripts' --help does not wait for torch
+    flag = parallel.all_reduce(float(kept), run.device, run.ddp, "max")
     if not flag:
         a, s = run.args, run.skipped
         raise SystemExit(f"error: the first step kept no sample ({s['long_prompt']} prompts longer than --max_prompt_len "

@@ -15,6 +15,7 @@ time, beside the root's weights while a forward or backward runs. Ranks must the
 number of forwards: the loop pads micro-batch counts across ranks (`lockstep`), and sampling reads an
 unsharded inference copy of the weights (model.py).
 """
+import atexit
 import os
 import types
 
@@ -32,11 +33,22 @@ def setup():
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(close)       # every way out (an error, a stop, Ctrl-C) tears the group down before the
+                                 # interpreter does: a group left to C++'s exit aborts ("terminate called ...")
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def close(finished=False):
+    """Destroy the process group. A finished run first waits for every rank, so none tears down its side of
+    the connections while another is still writing its last files or has a collective in flight."""
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def blocks(net):
@@ -68,7 +80,17 @@ def placeholder_image():
     return Image.new("RGB", (56, 56), "white")
 
 
-def lockstep(jobs, fsdp, distributed):
+def all_reduce(values, device, distributed, op="sum"):
+    """`values` (a number, or a list of numbers or of lists) summed, or with op="max" maxed, over ranks: a float64
+    tensor. Every collective of this code base goes through here or through FSDP: NCCL serves only CUDA tensors,
+    so the tensor is made on the run's device, never on the host (tests/test_cuda_config.py)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def lockstep(jobs, fsdp, distributed, device):
     """Under FSDP, pad this rank's list of micro-batch jobs to the longest across ranks by repeating
     its last job with weight 0, so every rank runs the same number of sharded forwards; a rank with no
     job at all gets weight-0 jobs of row 0 (of a placeholder rollout, setup.placeholder_rollout).
@@ -76,9 +98,8 @@ def lockstep(jobs, fsdp, distributed):
     out = [(job, 1.0) for job in jobs]
     if not (fsdp and distributed):
         return out
-    n = torch.tensor(len(jobs))
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return out + [(jobs[-1] if jobs else [0], 0.0)] * (int(n) - len(jobs))
+    n = int(all_reduce(len(jobs), device, distributed, "max"))
+    return out + [(jobs[-1] if jobs else [0], 0.0)] * (n - len(jobs))
 
 
 def sync_gradients(params, world):
@@ -127,15 +148,11 @@ def load_full_state(net, optimizer, model_state, optimizer_state, fsdp):
 
 def global_means(lists, device, distributed):
     """{name: mean over every rank's values} for a dict of per-sample value lists (NaN if none)."""
-    sums = torch.tensor([[sum(v), len(v)] for v in lists.values()], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(sums)
+    sums = all_reduce([[sum(v), len(v)] for v in lists.values()], device, distributed)
     return {k: (s / n).item() if n else float("nan") for k, (s, n) in zip(lists, sums)}
 
 
 def global_max(lists, device, distributed):
     """{name: max over every rank's values} for a dict of value lists (NaN if none)."""
-    top = torch.tensor([max(v, default=float("-inf")) for v in lists.values()], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    top = all_reduce([max(v, default=float("-inf")) for v in lists.values()], device, distributed, "max")
     return {k: x.item() if x > float("-inf") else float("nan") for k, x in zip(lists, top)}

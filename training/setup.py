@@ -209,7 +209,8 @@ def placeholder_rollout(run):
     one = torch.ones(1, 1, device=run.device)
     return rollout.Rollout({k: v.to(run.device) if v is not None else None for k, v in batch.items()},
                            torch.full((1, 1), run.tokenizer.pad_token_id, device=run.device), one, 0 * one,
-                           torch.zeros(1, dtype=torch.bool), [""], torch.zeros(1, dtype=torch.long), [0], [])
+                           torch.zeros(1, dtype=torch.bool), [""], torch.zeros(1, dtype=torch.long), [0],
+                           torch.zeros(0, dtype=torch.long, device=run.device))
 
 
 def generate(run, samples, images, **kw):
