@@ -263,7 +263,7 @@ def check_inputs(args):
         sys.exit("--extracted scores saved answers: use it with --predictions, not --model")
     if args.predictions and not Path(args.predictions).is_file():
         sys.exit(f"--predictions {args.predictions} does not exist")
-    if args.compile and not torch.cuda.is_available():
+    if args.compile and not model.cuda_config("cuda" if torch.cuda.is_available() else "cpu"):
         sys.exit("--compile captures the decode step as CUDA graphs: it needs a CUDA device")
     if args.model and args.model not in tiny.TINY_MODELS:
         path = Path(args.model).expanduser()

@@ -40,11 +40,18 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 
 # ----------------------------------------------------------------------------- loading
 
+def cuda_config(device):
+    """Whether a run on `device` takes the CUDA configuration: bf16 weights or autocast, a bf16 sampling copy,
+    the compiled decode step, AdamW's foreach step. On a GPU; and on the CPU with STEPGRPO_CUDA_STANDIN=1, which
+    the tests set to run that configuration without one (inductor there, CUDA graphs need a GPU)."""
+    return torch.device(device).type == "cuda" or os.environ.get("STEPGRPO_CUDA_STANDIN") == "1"
+
+
 def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=None, max_pixels=None, build=None):
     """Return (model, tokenizer, image_processor) for a hub id or a local directory; or, with `build`, for
     what `build()` returns in place of a checkpoint (the tiny models: `build=qwen.tiny.builder("tiny")`).
 
-    bf16 on CUDA, fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
+    bf16 on CUDA (cuda_config), fp32 on CPU unless `dtype` says otherwise; SDPA attention, or flash-attention-2
     when it is installed, a GPU is present and the weights are half precision. One pixel range is
     set on the image processor and used everywhere (rollout, scoring, evaluation), so the number of
     image tokens never differs: [MIN_TOKENS, MAX_TOKENS] visual tokens unless pixels are given.
@@ -53,7 +60,7 @@ def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=Non
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or (torch.bfloat16 if cuda_config(device) else torch.float32)
     if attn_implementation is None:
         fa2 = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if fa2 and dtype != torch.float32 else "sdpa"
@@ -246,7 +253,7 @@ def score_tokens(model, input_ids, attention_mask, positions, pixel_values, imag
             out.append(torch.utils.checkpoint.checkpoint(_token_logprobs, *args, use_reentrant=False))
         else:
             out.append(_token_logprobs(*args))
-    return torch.cat(out).view_as(completion_ids)
+    return torch.cat(out).reshape(completion_ids.shape).clone()   # not a view: FSDP hooks the root's output
 
 
 def _token_logprobs(hidden, targets, weight, bias, temperature, suppress_ids):

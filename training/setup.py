@@ -73,8 +73,8 @@ def load_data(args, stats=None):
 
 
 def compute_dtype(args, device):
-    """What forward passes compute in: bf16 autocast on CUDA unless --dtype says otherwise."""
-    return torch.bfloat16 if args.dtype == "bf16" or (device.type == "cuda" and args.dtype is None) else torch.float32
+    """What forward passes compute in: bf16 autocast on CUDA (M.cuda_config) unless --dtype says otherwise."""
+    return torch.bfloat16 if args.dtype == "bf16" or (M.cuda_config(device) and args.dtype is None) else torch.float32
 
 
 def load_model(args, name, device):
@@ -131,7 +131,7 @@ def setup(args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     ddp, rank, world, device = parallel.setup()
-    if args.compile and device.type != "cuda":
+    if args.compile and not M.cuda_config(device):
         raise SystemExit("error: --compile captures the decode step as CUDA graphs: it needs a CUDA device")
     checkpoint.claim(args.out_dir, rank == 0, ddp)    # writable, and no other run in it
     random.seed(args.seed)
