@@ -7,6 +7,7 @@
     python bench.py --memory                               # bytes per GPU of the paper's step, 2B and 7B (no GPU needed)
     python bench.py --model qwen2-vl-2b --workload paper --lora_rank 64   # that step's measured peak (CUDA)
     python bench.py --compile_vs_eager 16:2048             # ms per decode step, compiled and eager (CPU too)
+    python bench.py --gpu_check                            # a GPU's acceptance check, verdict per line (scripts/gpu_check.py)
 
 Workloads (every completion exactly --max_new_tokens long: EOS is ignored, so runs compare):
     small  2 prompts x M = 4, 64 new tokens, one 112x112 image and a short question per prompt, β = 0.04.
@@ -44,8 +45,10 @@ WORKLOADS = {"small": dict(prompts_per_step=2, grad_accum=1, max_new_tokens=64, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults)
-    p.add_argument("--model", default="tiny", help="'tiny', 'qwen2-vl-2b' (random weights) or a model directory")
-    p.add_argument("--workload", default="small", choices=sorted(WORKLOADS), help="see the module docstring")
+    p.add_argument("--model", default=None, help="'tiny', 'qwen2-vl-2b' (random weights) or a model directory "
+                   "(default: tiny; with --gpu_check qwen2-vl-2b on CUDA)")
+    p.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
+                   help="see the module docstring (default: small; with --gpu_check paper on CUDA)")
     p.add_argument("--steps", type=int, default=3, help="timed steps; one more runs first as warm-up")
     p.add_argument("--gradient_checkpointing", action="store_true", help="as train.py's flag")
     p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
@@ -57,7 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--lora_rank", type=int, default=0, help="as train.py's flag")
     p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
     p.add_argument("--memory", action="store_true", help="print the counted bytes per GPU (training/memory.py) and exit")
+    p.add_argument("--gpu_check", action="store_true", help="the acceptance check of a GPU: decode speed against its "
+                   "bandwidth floor, the paper's step, peak memory against the counted one, KL at step 0, sampling vs "
+                   "scoring, one LoRA and one FSDP step; a verdict per line (scripts/gpu_check.py)")
     args = p.parse_args(argv)
+    if not args.gpu_check:
+        args.model, args.workload = args.model or "tiny", args.workload or "small"
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps})")
     if args.decode_table and not re.fullmatch(r"\d+(,\d+)*:\d+(,\d+)*", args.decode_table.replace(" ", "")):
@@ -236,6 +244,35 @@ def position_profile(run, rows, length, window=64, compile=False):
                 last_vs_first=round(last / first, 2))
 
 
+def make_run(model, workload, out_dir, steps, extra=()):
+    """train.py's Run for `steps` RL steps of `workload` (train.setup from the same flags as a training run), its
+    prompts the bench's, every completion max_new_tokens long, with its reference loaded."""
+    w = WORKLOADS[workload]
+    argv = ["--model", model, "--data", "toy", "--stage", "rl", "--out_dir", out_dir, "--overwrite", "--eval_n", "0",
+            "--max_steps", str(steps), "--num_generations", "4", "--beta", "0.04", "--lr", "1e-6",
+            *[f"--{k}={v}" for k, v in w.items() if k != "image"], *extra]
+    run = train.setup(train.parse_args(argv))
+    run.train_set, run.fixed_length = samples(64, w["image"]), True
+    run.reference = train.load_reference(run)
+    return run
+
+
+def time_steps(run, steps):
+    """Run steps + 1 RL steps (collect, update), the first a warm-up (allocations, kernels; on CUDA the peak memory
+    is reset after it). Returns (median seconds by phase over the timed steps, the last batch, the update results)."""
+    optimizer, scheduler = train.make_optimizer(run, run.args.lr, 0.0, steps + 1, 0.0, False)
+    times, results = [], []
+    for step in range(steps + 1):
+        if step == 1 and run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        batch, seconds = timed(lambda: train.collect(run, step))
+        result, update_s = timed(lambda: train.update(run, batch, optimizer, scheduler))
+        times.append(dict(batch.seconds, step=seconds + update_s))
+        results.append(result)
+    timed_steps = times[1:] or times                       # steps=0: the one step, untimed warm-up included
+    return {k: statistics.median(t[k] for t in timed_steps) for k in timed_steps[0]}, batch, results
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # each table line shows as soon as it is measured
     args = parse_args()
@@ -247,26 +284,17 @@ def main():
               " reports peak_memory_gib on a GPU (one process: the data-parallel columns)")
         print(json.dumps({name: dict(columns) for name, (_, columns) in tables.items()}))
         return
-    w = WORKLOADS[args.workload]
+    if args.gpu_check:
+        from scripts import gpu_check
+        return gpu_check.check(args)
     model = random_2b(args.out_dir) if args.model == "qwen2-vl-2b" else args.model
-    flags = ["--model", model, "--data", "toy", "--stage", "rl", "--out_dir", args.out_dir, "--overwrite", "--eval_n", "0",
-             "--max_steps", str(args.steps + 1), "--num_generations", "4", "--beta", "0.04", "--lr", "1e-6",
-             *[f"--{k}={v}" for k, v in w.items() if k != "image"],
-             *(["--gradient_checkpointing"] if args.gradient_checkpointing else []), *(["--compile"] if args.compile else []),
-             "--lora_rank", str(args.lora_rank), *(["--freeze_vision"] if args.freeze_vision else [])]
-    run = train.setup(train.parse_args(flags))
-    run.train_set, run.fixed_length = samples(64, w["image"]), True
-    run.reference = train.load_reference(run)
-    optimizer, scheduler = train.make_optimizer(run, run.args.lr, 0.0, args.steps + 1, 0.0, False)
+    run = make_run(model, args.workload, args.out_dir, args.steps + 1,
+                   [*(["--gradient_checkpointing"] if args.gradient_checkpointing else []),
+                    *(["--compile"] if args.compile else []), "--lora_rank", str(args.lora_rank),
+                    *(["--freeze_vision"] if args.freeze_vision else [])])
     cuda = run.device.type == "cuda"
-    times, n_params = [], sum(q.numel() for q in run.policy.parameters())
-    for step in range(args.steps + 1):                     # step 0 warms up (allocations, kernels)
-        if step == 1 and cuda:
-            torch.cuda.reset_peak_memory_stats()
-        batch, seconds = timed(lambda: train.collect(run, step))
-        result, update_s = timed(lambda: train.update(run, batch, optimizer, scheduler))
-        times.append(dict(batch.seconds, step=seconds + update_s))
-    med = {k: statistics.median(t[k] for t in times[1:]) for k in times[1]}
+    n_params = sum(q.numel() for q in run.policy.parameters())
+    med, batch, _ = time_steps(run, args.steps)
     ro = batch.rollout
     tokens, prompt_tokens = ro.completion_ids.numel(), int(ro.prompt["attention_mask"].sum())
     out = dict(model=args.model, workload=args.workload,

@@ -95,14 +95,14 @@ def needs_gpu(command):
     if any(w in words for w in ("--help", "--memory", "--predictions")):
         return False
     model = words[words.index("--model") + 1] if "--model" in words else "tiny"
-    return words[0] == "torchrun" or "--compile" in words or not model.startswith("tiny")
+    return words[0] == "torchrun" or "--compile" in words or "--gpu_check" in words or not model.startswith("tiny")
 
 
 DROP_WITH_VALUE = {"--model", "--data", "--image_root", "--eval_bench", "--eval_data", "--eval_limit", "--eval_every",
                    "--out_dir", "--out", "--workload", "--nproc_per_node", "--bench", "--limit"}
 SHORT = {"train.py": ["--sft_steps", "2", "--max_steps", "2", "--sft_batch", "4", "--prompts_per_step", "2",
                       "--grad_accum", "1", "--max_new_tokens", "24", "--eval_n", "0", "--overwrite"],
-         "bench.py": ["--steps", "1"],
+         "bench.py": ["--steps", "1"],         # with --gpu_check: ignored (its own few steps)
          "evaluate.py": ["--bench", "toy", "--limit", "2", "--max_new_tokens", "16"]}
 
 
@@ -137,6 +137,7 @@ def test_the_documents_name_the_gpu_commands_this_file_runs():
     names = {c.split(".py")[0].split()[-1] for _, c in GPU_COMMANDS}
     assert {"train", "evaluate", "bench"} <= names
     assert any("--fsdp" in c for _, c in GPU_COMMANDS) and any("--compile" in c for _, c in GPU_COMMANDS)
+    assert any("--gpu_check" in c for _, c in GPU_COMMANDS)
 
 
 def test_every_documented_gpu_command_runs_in_the_cuda_configuration():
@@ -158,3 +159,4 @@ def test_every_documented_gpu_command_runs_in_the_cuda_configuration():
                 assert res.returncode == 0, f"{where}\n{res.stderr[-2500:]}"
                 last = res.stdout.strip().splitlines()[-1]
                 assert isinstance(json.loads(last), dict), f"{where}\n  last line: {last}"
+                assert json.loads(last).get("passed", True), f"{where}\n{res.stdout[-2500:]}"   # bench.py --gpu_check
