@@ -606,6 +606,62 @@ def test_a_model_that_cannot_be_loaded_stops_with_one_line(tmp_path, monkeypatch
     assert line.startswith("cannot load model 'Org/model': We couldn't connect")
 
 
+def test_a_failed_model_load_leaves_no_header_that_refuses_the_corrected_rerun(tmp_path, monkeypatch):
+    out = tmp_path / "p.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(ev.model, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("no such model")))
+        refused(["--bench", "toy", "--model", "Org/model", "--limit", "1", "--out", str(out)])
+    assert not out.exists() or out.read_text() == ""
+    assert ev.main(["--bench", "toy", "--model", "tiny", "--limit", "1", "--max_new_tokens", "2", "--out", str(out)])
+    assert json.loads(out.read_text().splitlines()[0])["produced_by"]["model"] == "tiny"
+
+
+def test_a_second_evaluate_writing_the_same_out_is_refused(tmp_path, monkeypatch):
+    """The first run holds a lock on --out (taken here as that run would); the second stops before loading."""
+    import fcntl
+    monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "p.jsonl"
+    with open(out, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = refused(["--bench", "toy", "--model", "tiny", "--limit", "1", "--out", str(out)])
+    assert "another evaluate.py is writing to --out" in line and out.read_text() == ""
+
+
+def test_out_naming_a_folder_is_one_line(tmp_path):
+    line = refused(["--bench", "toy", "--model", "tiny", "--limit", "1", "--out", str(tmp_path)])
+    assert "is a folder" in line
+
+
+def test_an_id_predicted_twice_differently_is_refused_and_word_for_word_counted(tmp_path, capsys):
+    samples = ev.toy.dataset(split="test", n=2, seed=0)
+    rows = [{"id": s["id"], "prediction": s["answer"]} for s in samples]
+    line = refused(["--bench", "toy", "--limit", "2", "--predictions",
+                    str(write_jsonl(tmp_path / "a.jsonl", rows + [dict(rows[0], prediction="wrong")]))])
+    assert f"id {samples[0]['id']!r} has two different predictions (lines 1 and 3)" in line
+    ev.main(["--bench", "toy", "--limit", "2", "--predictions", str(write_jsonl(tmp_path / "b.jsonl", rows + rows[:1]))])
+    assert last_json_line(capsys)["counts"]["duplicate_prediction_ids"] == 1
+
+
+@needs_shared
+def test_generating_when_most_images_cannot_be_found_is_refused_naming_image_root(tmp_path, monkeypatch):
+    """MathVista's testmini.json without its images/ folder: one line, no model loaded, no --out written."""
+    monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "p.jsonl"
+    line = refused(["--bench", "mathvista", "--data", str(SHARED / "mathvista/data/testmini.json"), "--model", "tiny",
+                    "--limit", "20", "--out", str(out)])
+    assert "the images of 20 of 20 records cannot be read" in line and "--image_root" in line
+    assert out.read_text() == ""
+
+
+def test_generation_where_most_images_do_not_decode_ends_with_one_line(tmp_path):
+    """Images found but undecodable (2 of 3): the readable record's prediction is kept, the run says why it failed."""
+    rows = [mcq_row(0, b64(), A="x", B="y"), mcq_row(1, "!" * 100, A="x", B="y"), mcq_row(2, "!" * 100, A="x", B="y")]
+    out = tmp_path / "o.jsonl"
+    line = refused(["--bench", "mmstar", "--data", str(write_tsv(tmp_path / "m.tsv", rows)), "--model", "tiny",
+                    "--max_new_tokens", "2", "--out", str(out)])
+    assert "the images of 2 of 3 records could not be read" in line and len(out.read_text().splitlines()) == 2
+
+
 # ----------------------------------------------------------------------------- ChartQA labels, final answers in a reply
 def test_chartqa_official_label_is_one_string_compared_whole(tmp_path):
     (tmp_path / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "q", "label": "[2014, 2016]"}]))
