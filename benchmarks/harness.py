@@ -92,13 +92,17 @@ def score(bench, recs, preds, prompt, counts, extracted=False):
             flags.append(False)
             valid.append(0.0)
             continue
-        extract = bench != "toy" and catalog.BENCHES[bench].extract
-        answer = text if extracted else final_answer(rewards.visible_reply(text), prompt, counts, extract)
+        extract = bench != "toy" and catalog.BENCHES[bench].extract and not extracted
+        reply = rewards.visible_reply(text)
+        answer = text if extracted else final_answer(reply, prompt, counts, extract)
+        stated = extract and (prompt != "r1vl" or rewards.extract_answer(reply) is None)   # read by stated_answer
         if bench == "toy":
             valid.append(rewards.step_rvr(text))
             flags.append(bool(rewards.is_correct(answer, r["answer"])))
         elif bench == "mathvista":
             flags.append(bool(scorers.score_mathvista(r, answer, extracted=extracted)))
+        elif stated:                                   # a stated answer that names no option: the reply's
+            flags.append(bool(catalog.BENCHES[bench].score(r, answer, reply=reply)))
         else:
             flags.append(bool(catalog.BENCHES[bench].score(r, answer)))
     return flags, valid

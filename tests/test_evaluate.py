@@ -717,3 +717,39 @@ def test_official_rules_that_read_the_whole_reply_still_get_it():
                                        ("it is 15, not 14", False)])
 def test_dynamath_reads_the_stated_answer_of_a_reply_without_json(reply, ok):
     assert sc.score_dynamath({"answer": "14", "atype": "float"}, reply) is ok
+
+
+@pytest.mark.parametrize("prompt", ["plain", "r1vl"])
+@pytest.mark.parametrize("reply, options", [
+    ("B: 8\nThe triangle's height is 4.", ["4", "8", "2", "6"]),                  # the letter stated first wins
+    ("(B) 8, since the height is 4", ["4", "8", "2", "6"]),
+    ("$\\frac{1}{6}$", ["$\\frac{1}{12}$", "$\\frac{1}{6}$", "x", "y"]),            # the option text, '$' or not
+    ("The Maya-number for 17 is B.\n17 = 15 + 2 = 3 lines and 2 points.", ["A", "B", "C", "D"])])  # no option stated
+def test_mmstar_reads_the_option_a_reply_states(reply, options, prompt):
+    rec = {"id": "1", "options": options, "answer": "B", "kind": "mcq"}
+    assert ev.score("mmstar", [rec], {"1": reply}, prompt, Counter())[0] == [True]
+
+
+def test_a_reply_opening_with_an_option_letter_states_that_letter():
+    from grading import answers
+    assert answers.stated_answer("B: 8\nThe triangle's height is 4.") == "B"
+    assert answers.stated_answer("(C) parallel\nso the lines never meet") == "C"
+    assert answers.stated_answer("Because the height is 4.\nThe answer is 8.") == "8"
+
+
+# MMStar's and MathVerse's option rules on MATH-V's 1,532 multiple-choice replies of each published run (plain prompt):
+# correct before answers.stated_answer was used, and now. The stated answer must not lose what the whole reply gave.
+OPTION_RULES = {"Random-Chance": {"mmstar": (260, 263), "mathverse": (94, 94)},
+                "closed-source/Gemini/Gemini-Pro-CoT": {"mmstar": (259, 294), "mathverse": (296, 331)},
+                "closed-source/Qwen/Qwen-VL-Max": {"mmstar": (280, 298), "mathverse": (302, 302)},
+                "open-source/LLavA/LLaVA-v1.5-7B": {"mmstar": (272, 272), "mathverse": (245, 245)}}
+
+
+@needs_shared
+@pytest.mark.parametrize("run", OPTION_RULES)
+def test_option_rules_on_published_replies_score_as_before_the_stated_answer_or_better(run, mathvision_test):
+    out = {json.loads(l)["id"]: json.loads(l)["response"] for l in open(SHARED / f"mathvision/outputs/{run}.jsonl")}
+    recs = [dict(r, kind="mcq", qtype="multi-choice") for r in mathvision_test if r["options"]]
+    for bench, (before, now) in OPTION_RULES[run].items():
+        flags, _ = ev.score(bench, recs, out, "plain", Counter())
+        assert sum(flags) == now >= before
