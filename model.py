@@ -63,10 +63,13 @@ def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=Non
     else:
         if not os.path.isdir(name) and (name.startswith(".") or name.startswith("/")):
             raise FileNotFoundError(f"model directory {name!r} does not exist")
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        tokenizer.chat_template = tokenizer.chat_template or processor_chat_template(name)
-        image_processor = AutoImageProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        where = hub_access(name)
+        check_vision(name, transformers.AutoConfig.from_pretrained(name, **where))
+        tokenizer = AutoTokenizer.from_pretrained(name, **where)
+        tokenizer.chat_template = tokenizer.chat_template or processor_chat_template(name, **where)
+        image_processor = AutoImageProcessor.from_pretrained(name, **where)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation,
+                                                            **where)
         set_pixel_range(image_processor, MIN_TOKENS, MAX_TOKENS)
     if min_pixels or max_pixels:   # pixels given by the user win
         size = image_processor.size
@@ -76,11 +79,39 @@ def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=Non
     return model.to(device), tokenizer, image_processor
 
 
-def processor_chat_template(name):
+def hub_access(name, timeout=3):
+    """from_pretrained's keywords for `name`: {} for a local folder or when the hub answers; offline
+    (HF_HUB_OFFLINE, or no answer within `timeout` s) a hub id in the local cache loads from it, and one not
+    in it is an OSError at once, saying so (transformers would retry for about a minute first)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+    if os.path.isdir(name):
+        return {}
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            return {}
+        except Exception as e:     # any failure to get an answer: offline for this load
+            why = f"{constants.ENDPOINT} does not answer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    raise OSError(f"{name} is not a local folder, the hub cannot be reached ({why}) and it is not in the local "
+                  "cache: pass a local folder, or download it where there is a network")
+
+
+def check_vision(name, config):
+    """ValueError for a model without a vision tower (a text-only LM): name the families that have one."""
+    if getattr(config, "vision_config", None) is None:   # the families are qwen/families.py's FAMILIES
+        raise ValueError(f"{name} has no vision tower (model_type {config.model_type!r}, a text-only model): pass a "
+                         "vision-language model of a supported family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5")
+
+
+def processor_chat_template(name, **where):
     """The chat template a checkpoint keeps for its processor (chat_template.jinja or .json) when its
     tokenizer has none; Qwen2-VL's format (CHAT_TEMPLATE) when it has neither."""
     for file in ("chat_template.jinja", "chat_template.json"):
-        path = transformers.utils.cached_file(name, file, _raise_exceptions_for_missing_entries=False)
+        path = transformers.utils.cached_file(name, file, _raise_exceptions_for_missing_entries=False, **where)
         if path:
             text = open(path).read()
             return json.loads(text)["chat_template"] if file.endswith(".json") else text

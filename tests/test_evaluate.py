@@ -662,6 +662,31 @@ def test_generation_where_most_images_do_not_decode_ends_with_one_line(tmp_path)
     assert "the images of 2 of 3 records could not be read" in line and len(out.read_text().splitlines()) == 2
 
 
+def test_a_text_only_model_folder_is_refused_naming_the_supported_families(tmp_path):
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm/config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    line = refused(["--bench", "toy", "--model", str(tmp_path / "lm"), "--limit", "1", "--out", str(tmp_path / "p.jsonl")])
+    from qwen.families import FAMILIES
+    assert "has no vision tower (model_type 'qwen2'" in line and ", ".join(FAMILIES.values()) in line
+
+
+def test_a_hub_id_fails_at_once_when_offline_and_loads_from_the_cache_when_there(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    class NoNetwork:
+        def head(self, *a, **k):
+            raise ConnectionError("Name or service not known")
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: NoNetwork())
+    with pytest.raises(OSError, match="Org/model .*hub cannot be reached .*does not answer.*not in the local cache"):
+        ev.model.load("Org/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"\(HF_HUB_OFFLINE is set\)"):
+        ev.model.hub_access("Org/model")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    assert ev.model.hub_access("Org/model") == {"local_files_only": True}
+
+
 # ----------------------------------------------------------------------------- ChartQA labels, final answers in a reply
 def test_chartqa_official_label_is_one_string_compared_whole(tmp_path):
     (tmp_path / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "q", "label": "[2014, 2016]"}]))
