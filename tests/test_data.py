@@ -104,6 +104,34 @@ def test_image_path_not_found_is_retried_as_its_tail_under_the_root(folder, imag
     assert stats["relocated_images"] == 1
 
 
+def test_a_numeric_solution_or_problem_is_its_text(folder):
+    rows = [rl(solution=2), rl(solution=2.5, problem=7), rl(solution=True)]
+    stats = {}
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", rows), stats=stats)
+    assert [(r["problem"], r["solution"]) for r in out] == [("What is x?", "2"), ("7", "2.5")]
+    assert stats["skipped"] == {"missing field": 1}                     # a boolean is no answer
+    sft = data.load_sft_data(write_jsonl(folder / "sft.jsonl", [rl(solution=2), mulberry(answer=3)]))
+    assert [r["response"] for r in sft] == ["2", "3"]
+
+
+def test_an_image_url_is_not_fetched_and_relocated_only_under_image_root(folder, caplog):
+    url = "https://example.com/data/imgs/b.png"
+    path = write_jsonl(folder / "rl.jsonl", [rl(image=url), rl()])
+    stats = {}
+    assert len(data.load_rl_data(path, stats=stats)) == 1
+    assert stats["skipped"] == {"image is a URL": 1} and stats["relocated_images"] == 0
+    with pytest.raises(ValueError, match=r"no usable records \(1 image is a URL\); download the images"):
+        data.load_rl_data(write_jsonl(folder / "one.jsonl", [rl(image=url)]))
+    with caplog.at_level(logging.WARNING):
+        out = data.load_rl_data(path, image_root=folder, stats=stats)
+    assert out[0]["image_path"] == str(folder / "imgs" / "b.png") and stats["relocated_images"] == 1
+    assert any("1 image URL(s) not fetched" in r.getMessage() for r in caplog.records)
+    stats = {}
+    data.load_rl_data(write_jsonl(folder / "two.jsonl", [rl(image="https://example.com/nope.png"), rl()]),
+                      image_root=folder, stats=stats)
+    assert stats["skipped"] == {"image is a URL": 1}
+
+
 @pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
 def test_unreadable_image_is_a_counted_skip_and_alone_fails_at_load_time(folder, content):
     (folder / "bad.png").write_bytes(content)

@@ -11,7 +11,9 @@ verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap 
 record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
 by the trainer when it opens it. Sizes the image processor refuses (`check_size`: an aspect ratio
 of 200 or more, or over PIL's decompression-bomb limit) are skipped at both places.
-Files are UTF-8, with or without a byte-order mark.
+Files are UTF-8, with or without a byte-order mark. A number where text is expected ("solution": 2) is its
+text. An image given as a URL (http://, https://, ...) is never fetched: it is a counted skip, or, with
+--image_root, the file of its path under that folder (a logged note).
 
 Key steps (`key_steps_from_solution`): an offline, rule-based stand-in for the authors' GPT-4
 extraction and augmentation, for data that comes without key steps.
@@ -168,10 +170,14 @@ def _unreadable(path):
     return None
 
 
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)    # http://, https://, s3://: never fetched
+
+
 # What to do when a file has no usable record, by skip reason.
 _ADVICE = {"SFT record": "this is warm-up data: run it with --stage sft",
            "missing key_steps": "pass --derive_key_steps to derive them from each solution",
-           "missing image": "image paths resolve against {root}: set --image_root"}
+           "missing image": "image paths resolve against {root}: set --image_root",
+           "image is a URL": "download the images, then pass their folder as --image_root"}
 
 
 def _load(path, image_root, convert, stats, notes):
@@ -184,7 +190,7 @@ def _load(path, image_root, convert, stats, notes):
     root = Path(image_root) if image_root else path.parent
     unit, records = _read_records(path)
     kept, skipped, first, noted = [], {}, {}, dict.fromkeys(("relocated_images",) + notes, 0)
-    sources, lost = {}, set()      # relocated file → the names that led to it; lines skipped
+    sources, lost, urls = {}, set(), 0   # relocated file → the names that led to it; lines skipped; URLs relocated
 
     def skip(why, line):
         reason, _, detail = why.partition(": ")
@@ -200,10 +206,17 @@ def _load(path, image_root, convert, stats, notes):
             out = f"malformed JSON: a {type(rec).__name__}, not an object"
         else:
             out = convert(rec, where)
+        url = isinstance(out, dict) and _URL.match(out["image_path"])
+        if url and not image_root:
+            out = (f"image is a URL: {out['image_path']} (URLs are not fetched: download the images, then pass "
+                   "their folder as --image_root)")
         if isinstance(out, dict):
-            img, relocated = _find_image(out["image_path"], root)
+            img, relocated = _find_image(out["image_path"][url.end():] if url else out["image_path"], root)
+            relocated = relocated or bool(url)
             bad = img and _unreadable(img)
-            if img is None:
+            if img is None and url:
+                out = f"image is a URL: {out['image_path']} (URLs are not fetched, and no file of its path is under {root})"
+            elif img is None:
                 out = f"missing image: {root / out['image_path']}"
             elif bad:
                 out = f"{bad[0]}: {img} ({bad[1]})"
@@ -223,13 +236,18 @@ def _load(path, image_root, convert, stats, notes):
             skip(f"ambiguous image path: {out['_from']} and {other} both relocate to {out['image_path']}", out["_line"])
     kept = [r for r in kept if r["_line"] not in lost]
     for out in kept:
-        noted["relocated_images"] += out.pop("_from") is not None
+        src = out.pop("_from")
+        noted["relocated_images"] += src is not None
+        urls += src is not None and bool(_URL.match(src))
         out.pop("_line")
         if "_note" in out:
             noted[out.pop("_note")] += 1
-    if noted["relocated_images"]:
+    if urls:
+        log.warning("%s: %d image URL(s) not fetched: each was taken as the file of its path under --image_root %s",
+                    path, urls, root)
+    if noted["relocated_images"] > urls:
         log.warning("%s: %d image path(s) not found as given were relocated to their trailing part under %s",
-                    path, noted["relocated_images"], root)
+                    path, noted["relocated_images"] - urls, root)
     for reason, lines in skipped.items():
         lines.sort()
         more = ", ..." if len(lines) > 5 else ""
@@ -247,8 +265,17 @@ def _load(path, image_root, convert, stats, notes):
     return kept
 
 
+def _text(value):
+    """A field's text: a string as it is, a number as its text ("solution": 2 is "2"); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
+
+
 def _missing(rec, fields):
-    bad = [f for f in fields if not isinstance(rec.get(f), str) or not rec[f].strip()]
+    bad = [f for f in fields if not (_text(rec.get(f)) or "").strip()]
     return f"missing field: {', '.join(bad)}" if bad else None
 
 
@@ -258,7 +285,7 @@ def _rl_record(rec, where, derive_key_steps):
     missing = _missing(rec, ("image_path", "problem", "solution"))
     if missing:
         return missing
-    out = {"image_path": rec["image_path"], "problem": rec["problem"], "solution": rec["solution"]}
+    out = {"image_path": _text(rec["image_path"]), "problem": _text(rec["problem"]), "solution": _text(rec["solution"])}
     steps = None
     if rec.get("key_steps") is not None:
         try:  # takes the dict, the bare list, or a JSON string of either
@@ -283,7 +310,8 @@ def _sft_record(rec, drop_reflective):
     chat = rec.get("messages", rec.get("conversations"))
     if chat is None:   # an RL record: the reference path is the response
         missing = _missing(rec, ("image_path", "problem", "solution"))
-        out = missing or {"image_path": rec["image_path"], "problem": rec["problem"], "response": rec["solution"]}
+        out = missing or {"image_path": _text(rec["image_path"]), "problem": _text(rec["problem"]),
+                          "response": _text(rec["solution"])}
     else:
         turns = [(_ROLES.get(m.get("role", m.get("from"))), m.get("content", m.get("value")))
                  if isinstance(m, dict) else (None, None) for m in chat if isinstance(chat, list)]
@@ -294,6 +322,7 @@ def _sft_record(rec, drop_reflective):
         images = [images] if isinstance(images, str) else images   # Mulberry's own data gives one path
         if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
             return "missing field: images must be one image path or a list of one"
+        turns = [(role, _text(text)) for role, text in turns]
         if roles != ["user", "assistant"] or not all(isinstance(text, str) for _, text in turns):
             return f"missing field: messages/conversations must be one user then one assistant turn (got {roles})"
         out = {"image_path": images[0], "problem": turns[0][1].replace("<image>", "").strip(),
