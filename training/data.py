@@ -1,4 +1,4 @@
-"""training/data.py: real R1-VL data: loaders, images, key steps, and the order batches are read in.
+"""training/data.py: real R1-VL data: loaders, image checks, key steps, and the order batches are read in.
 
 The embedded toy task lives in toy/task.py. Every record of a real data file is checked; a bad one is
 skipped, counted, and logged as one warning line per reason with its first line numbers; no
@@ -9,8 +9,9 @@ usable record → ValueError.
 Images are kept as paths, checked at load time to exist and to have a readable header: PIL's
 verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap enough for every
 record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
-by the trainer when it opens it. Sizes the image processor refuses (`check_size`: an aspect ratio
-of 200 or more, or over PIL's decompression-bomb limit) are skipped at both places.
+by the trainer when it opens it (qwen/images.py load_image, which evaluation uses too). Sizes the image processor
+refuses (check_size: an aspect ratio of 200 or more, or over PIL's decompression-bomb limit) are
+skipped at both places.
 Files are UTF-8, with or without a byte-order mark. A number where text is expected ("solution": 2) is its
 text. An image given as a URL (http://, https://, ...) is never fetched: it is a counted skip, or, with
 --image_root, the file of its path under that folder (a logged note).
@@ -21,74 +22,16 @@ extraction and augmentation, for data that comes without key steps.
 import json
 import logging
 import math
-import os
 import random
 import re
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 import rewards
+from qwen.images import check_size, load_image  # noqa: F401 (training opens its images as data.load_image)
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------- images
-MAX_ASPECT = 200   # Qwen2-VL's image processor (smart_resize) refuses a longer side 200 times the shorter
-
-
-def check_size(width, height):
-    """ValueError for an image size the image processor refuses, or one over PIL's decompression-bomb
-    limit (decoding it would take gigabytes)."""
-    if min(width, height) < 1 or max(width, height) / min(width, height) >= MAX_ASPECT:
-        raise ValueError(f"{width}x{height} image: aspect ratio {MAX_ASPECT} or more, which the image processor refuses")
-    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"{width}x{height} image: over the {Image.MAX_IMAGE_PIXELS} pixel limit for decoding")
-
-
-def _to_8bit(image):
-    """16-bit, 32-bit integer and float images ("I;16", "I", "F") mapped to 8 bits by their real range:
-    floats in [0, 1] scaled by 255, anything else stretched from its minimum to its maximum (a plain
-    convert() would clip every value over 255 to white)."""
-    pixels = np.asarray(image, dtype=np.float64)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if image.mode == "F" and 0 <= lo and hi <= 1:
-        lo, hi = 0.0, 1.0
-    scaled = (pixels - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
-    return Image.fromarray(np.round(scaled).astype(np.uint8))
-
-
-def load_image(src, max_pixels=None):
-    """Open an image path, bytes stream or PIL image as RGB (None stays None: a question without an
-    image); ValueError if it cannot be decoded or its size is refused (`check_size`).
-
-    Transparency is composited onto white, as Qwen2-VL's own image conversion does (a diagram with
-    a transparent background would otherwise turn black). High bit-depth images are mapped by their
-    range (`_to_8bit`). An image far over `max_pixels` is shrunk first: the image processor resizes
-    it anyway, this only saves its time.
-    """
-    if src is None:
-        return None
-    try:
-        image = src if isinstance(src, Image.Image) else Image.open(src)
-        check_size(*image.size)
-        image.load()
-        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-            image = _to_8bit(image)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, image.convert("RGBA"))
-        image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        name = src if isinstance(src, (str, os.PathLike)) else type(src).__name__
-        raise ValueError(f"cannot read image {name}: {e}") from e
-    if max_pixels and image.width * image.height > 4 * max_pixels:
-        s = math.sqrt(2 * max_pixels / (image.width * image.height))
-        image = image.resize((max(28, round(image.width * s)), max(28, round(image.height * s))), Image.BICUBIC)
-    return image
-
 
 # ---------------------------------------------------------------------------- real data
 # Mulberry's reflective paths are a wrong step, a reflection sentence, then the correct rest. Its
