@@ -192,13 +192,18 @@ def test_sft_loader_reads_mulberry_messages_and_rl_records(folder):
     rows = [mulberry(), rl(image="imgs/b.png", solution="### Step 1:\nx = 3\n\n### The final answer is: 3"),
             mulberry(images=("a.png", "a.png")),           # 3 two images
             mulberry(roles=("user",)),                     # 4 no assistant turn
-            mulberry(images=("nope.png",))]                # 5 missing image
+            mulberry(images=("nope.png",)),                # 5 missing image
+            mulberry(question="<image>x?<image>"),         # 6 two tags, one image
+            mulberry(images=())]                           # 7 no image
     stats = {}
     out = data.load_sft_data(write_jsonl(folder / "sft.jsonl", rows), stats=stats)
     assert out[0] == {"id": "sft.jsonl:1", "image_path": str(folder / "a.png"),
                       "problem": "What is x?", "response": "### Step 1:\nx = 3"}
     assert out[1]["response"].endswith("### The final answer is: 3")
-    assert stats["skipped"] == {"missing field": 2, "missing image": 1}
+    assert stats["skipped"] == {"several images": 1, "missing field": 2, "missing image": 1,
+                                "image tags do not match images": 1}
+    with pytest.raises(ValueError, match=r"\(1 several images\); give each sample one image"):
+        data.load_sft_data(write_jsonl(folder / "two.jsonl", [mulberry(images=("a.png", "a.png"))]))
 
 
 def sharegpt(*turns):

@@ -120,7 +120,8 @@ _URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)    # http://, https://, s3://: 
 _ADVICE = {"SFT record": "this is warm-up data: run it with --stage sft",
            "missing key_steps": "pass --derive_key_steps to derive them from each solution",
            "missing image": "image paths resolve against {root}: set --image_root",
-           "image is a URL": "download the images, then pass their folder as --image_root"}
+           "image is a URL": "download the images, then pass their folder as --image_root",
+           "several images": "give each sample one image"}
 
 
 def _load(path, image_root, convert, stats, notes):
@@ -263,11 +264,15 @@ def _sft_record(rec, drop_reflective):
         roles = [role for role, _ in turns]
         images = rec.get("images")
         images = [images] if isinstance(images, str) else images   # Mulberry's own data gives one path
+        if isinstance(images, list) and len(images) > 1 and all(isinstance(i, str) for i in images):
+            return f"several images: {len(images)} in one sample, and a sample takes one image"
         if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
             return "missing field: images must be one image path or a list of one"
         turns = [(role, _text(text)) for role, text in turns]
         if roles != ["user", "assistant"] or not all(isinstance(text, str) for _, text in turns):
             return f"missing field: messages/conversations must be one user then one assistant turn (got {roles})"
+        if (tags := sum(text.count("<image>") for _, text in turns)) > 1:
+            return f"image tags do not match images: {tags} <image> tags for 1 image"
         out = {"image_path": images[0], "problem": turns[0][1].replace("<image>", "").strip(),
                "response": turns[1][1]}
         if system:
