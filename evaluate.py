@@ -54,7 +54,7 @@ the answer (mmstar, mathverse, dynamath's replies without JSON) answers.stated_a
                  right), the official yes/no prefix rule.
   toy            accuracy (rewards.is_correct) and format validity (mean rewards.step_rvr), as FRACTIONS in
                  [0, 1] like train.py's summaries; every benchmark's metrics are percentages ("unit").
-Multi-image rows are pasted side by side into one image (rollout takes one image per question).
+Multi-image rows are pasted side by side into one image.
 Prompts: the question text of question_text() inside rollout's r1vl or plain instruction. The paper's
 numbers came from VLMEvalKit (its own prompts, images of 1003520 to 12845056 pixels); the default
 pixel range here is model.py's, as in training (see --min_pixels / --max_pixels / --max_prompt_len).

@@ -64,3 +64,8 @@ def load_image(src, max_pixels=None):
         s = math.sqrt(2 * max_pixels / (image.width * image.height))
         image = image.resize((max(28, round(image.width * s)), max(28, round(image.height * s))), Image.BICUBIC)
     return image
+
+
+def load_images(src, max_pixels=None):
+    """load_image of one source, or of each source of a list (the images of one prompt, in order)."""
+    return [load_image(s, max_pixels) for s in src] if isinstance(src, (list, tuple)) else load_image(src, max_pixels)

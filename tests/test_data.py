@@ -200,10 +200,29 @@ def test_sft_loader_reads_mulberry_messages_and_rl_records(folder):
     assert out[0] == {"id": "sft.jsonl:1", "image_path": str(folder / "a.png"),
                       "problem": "What is x?", "response": "### Step 1:\nx = 3"}
     assert out[1]["response"].endswith("### The final answer is: 3")
-    assert stats["skipped"] == {"several images": 1, "missing field": 2, "missing image": 1,
-                                "image tags do not match images": 1}
-    with pytest.raises(ValueError, match=r"\(1 several images\); give each sample one image"):
-        data.load_sft_data(write_jsonl(folder / "two.jsonl", [mulberry(images=("a.png", "a.png"))]))
+    assert stats["skipped"] == {"image tags do not match images": 2, "missing field": 2, "missing image": 1}
+
+
+def test_several_images_per_sample_stand_where_their_tags_are_written(folder):
+    """SFT messages + images, ShareGPT and RL records with two images; a tag count that does not match
+    the images, or a tag in the answer, is a counted skip that says so; one missing image skips its record."""
+    two = ("a.png", "imgs/b.png")
+    rows = [mulberry(question="Compare <image> with <image>.", images=two),
+            {**sharegpt(("human", "<image> then <image>?"), ("gpt", "x = 3")), "images": list(two)},
+            rl(image=list(two), problem="<image> left, <image> right: x?"),
+            mulberry(question="<image> and <image> and <image>", images=two),       # 3 tags, 2 images
+            mulberry(question="<image>", answer="see <image>", images=two),         # a tag in the answer
+            mulberry(question="<image><image>", images=("a.png", "nope.png"))]
+    stats = {}
+    out = data.load_sft_data(write_jsonl(folder / "sft.jsonl", rows), stats=stats)
+    paths = [str(folder / "a.png"), str(folder / "imgs" / "b.png")]
+    assert [(r["problem"], r["image_path"]) for r in out] == [("Compare <image> with <image>.", paths),
+                                                              ("<image> then <image>?", paths),
+                                                              ("<image> left, <image> right: x?", paths)]
+    assert stats["skipped"] == {"image tags do not match images": 2, "missing image": 1}
+    rl_out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl(image=list(two), problem="<image> vs <image>"),
+                                                                 rl(image=list(two))]), stats=stats)
+    assert [r["image_path"] for r in rl_out] == [paths] and stats["skipped"] == {"image tags do not match images": 1}
 
 
 def sharegpt(*turns):

@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 import rewards
-from qwen.images import check_size, load_image  # noqa: F401 (training opens its images as data.load_image)
+from qwen.images import check_size, load_image, load_images  # noqa: F401 (training opens images as data.load_images)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,21 @@ def _find_image(name, root):
     return None, False
 
 
+def _resolve_image(name, root, image_root):
+    """(path, the name it was relocated from, or None) of one image a record names, or a skip reason: a URL
+    (looked up under --image_root only, never fetched), a missing file, an unreadable or unusable image."""
+    url = _URL.match(name)
+    if url and not image_root:
+        return (f"image is a URL: {name} (URLs are not fetched: download the images, then pass their folder as "
+                "--image_root)")
+    img, relocated = _find_image(name[url.end():] if url else name, root)
+    if img is None:
+        return (f"image is a URL: {name} (URLs are not fetched, and no file of its path is under {root})" if url
+                else f"missing image: {root / name}")
+    bad = _unreadable(img)
+    return f"{bad[0]}: {img} ({bad[1]})" if bad else (img, name if relocated or url else None)
+
+
 def _unreadable(path):
     """(reason, why) if PIL cannot read the image's header (verify(): no pixel decode) or its size is
     refused (check_size), else None."""
@@ -120,8 +135,7 @@ _URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)    # http://, https://, s3://: 
 _ADVICE = {"SFT record": "this is warm-up data: run it with --stage sft",
            "missing key_steps": "pass --derive_key_steps to derive them from each solution",
            "missing image": "image paths resolve against {root}: set --image_root",
-           "image is a URL": "download the images, then pass their folder as --image_root",
-           "several images": "give each sample one image"}
+           "image is a URL": "download the images, then pass their folder as --image_root"}
 
 
 def _load(path, image_root, convert, stats, notes):
@@ -150,39 +164,35 @@ def _load(path, image_root, convert, stats, notes):
             out = f"malformed JSON: a {type(rec).__name__}, not an object"
         else:
             out = convert(rec, where)
-        url = isinstance(out, dict) and _URL.match(out["image_path"])
-        if url and not image_root:
-            out = (f"image is a URL: {out['image_path']} (URLs are not fetched: download the images, then pass "
-                   "their folder as --image_root)")
         if isinstance(out, dict):
-            img, relocated = _find_image(out["image_path"][url.end():] if url else out["image_path"], root)
-            relocated = relocated or bool(url)
-            bad = img and _unreadable(img)
-            if img is None and url:
-                out = f"image is a URL: {out['image_path']} (URLs are not fetched, and no file of its path is under {root})"
-            elif img is None:
-                out = f"missing image: {root / out['image_path']}"
-            elif bad:
-                out = f"{bad[0]}: {img} ({bad[1]})"
+            names = out["image_path"] if isinstance(out["image_path"], list) else [out["image_path"]]
+            found = [_resolve_image(name, root, image_root) for name in names]
+            bad = next((f for f in found if isinstance(f, str)), None)
+            if bad:
+                out = bad
             else:
                 rid = rec.get("id")
-                sources.setdefault(str(img), set()).add(out["image_path"] if relocated else str(img))
-                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out, "image_path": str(img),
-                       "_line": line, "_from": out["image_path"] if relocated else None}
+                for img, src in found:
+                    sources.setdefault(str(img), set()).add(src or str(img))
+                paths = [str(img) for img, _ in found]
+                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out,
+                       "image_path": paths if isinstance(out["image_path"], list) else paths[0],
+                       "_line": line, "_from": [(str(img), src) for img, src in found]}
         if isinstance(out, str):
             skip(out, line)
         else:
             kept.append(out)
     for out in kept:        # relocations: each file may stand for one name only
-        names = sources.get(out["image_path"], ())
-        if out["_from"] is not None and len(names) > 1:
-            other = sorted(names - {out["_from"]})[0]
-            skip(f"ambiguous image path: {out['_from']} and {other} both relocate to {out['image_path']}", out["_line"])
+        for img, src in out["_from"]:
+            names = sources.get(img, ())
+            if src is not None and len(names) > 1 and out["_line"] not in lost:
+                other = sorted(names - {src})[0]
+                skip(f"ambiguous image path: {src} and {other} both relocate to {img}", out["_line"])
     kept = [r for r in kept if r["_line"] not in lost]
     for out in kept:
-        src = out.pop("_from")
-        noted["relocated_images"] += src is not None
-        urls += src is not None and bool(_URL.match(src))
+        moved = [src for _, src in out.pop("_from") if src is not None]
+        noted["relocated_images"] += len(moved)
+        urls += sum(bool(_URL.match(src)) for src in moved)
         out.pop("_line")
         if "_note" in out:
             noted[out.pop("_note")] += 1
@@ -218,18 +228,44 @@ def _text(value):
     return None
 
 
-def _missing(rec, fields):
-    bad = [f for f in fields if not (_text(rec.get(f)) or "").strip()]
+def _missing(rec, fields, images=True):
+    """'missing field: ...' for the fields without text; image_path by `images` (a path or a list found)."""
+    bad = [f for f in fields if not (images if f == "image_path" else (_text(rec.get(f)) or "").strip())]
     return f"missing field: {', '.join(bad)}" if bad else None
+
+
+def _image_list(value):
+    """A record's image paths: one path (a number too), or a non-empty list of paths; None if neither."""
+    if isinstance(value, list):
+        return value if value and all((_text(v) or "").strip() for v in value) else None
+    return [_text(value)] if (_text(value) or "").strip() else None
+
+
+def _placed(problem, images, response=""):
+    """{"problem", "image_path"} with the images where the question's <image> tags stand, or a skip reason. One
+    image: its tag, if any, is dropped (the image goes first, as the prompt always puts it); several: one tag
+    per image in the question, kept where written (model.prompt_text places them)."""
+    images = [_text(i) for i in images]
+    tags, stray = problem.count("<image>") + response.count("<image>"), "<image>" in response
+    if len(images) == 1 and tags <= 1:
+        return {"problem": problem.replace("<image>", "").strip(), "image_path": images[0]}
+    if tags != len(images) or stray:
+        return (f"image tags do not match images: {tags} <image> tag(s){' (in the answer)' if stray else ''} "
+                f"for {len(images)} images")
+    return {"problem": problem.strip(), "image_path": images}
 
 
 def _rl_record(rec, where, derive_key_steps):
     if "messages" in rec or "conversations" in rec:
         return "SFT record: has messages/conversations, not image_path/problem/solution/key_steps"
-    missing = _missing(rec, ("image_path", "problem", "solution"))
+    images = _image_list(rec.get("image_path"))
+    missing = _missing(rec, ("image_path", "problem", "solution"), images is not None)
     if missing:
         return missing
-    out = {"image_path": _text(rec["image_path"]), "problem": _text(rec["problem"]), "solution": _text(rec["solution"])}
+    placed = _placed(_text(rec["problem"]), images)
+    if isinstance(placed, str):
+        return placed
+    out = {"image_path": placed["image_path"], "problem": placed["problem"], "solution": _text(rec["solution"])}
     steps = None
     if rec.get("key_steps") is not None:
         try:  # takes the dict, the bare list, or a JSON string of either
@@ -253,28 +289,27 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
 def _sft_record(rec, drop_reflective):
     chat = rec.get("messages", rec.get("conversations"))
     if chat is None:   # an RL record: the reference path is the response
-        missing = _missing(rec, ("image_path", "problem", "solution"))
-        out = missing or {"image_path": _text(rec["image_path"]), "problem": _text(rec["problem"]),
-                          "response": _text(rec["solution"])}
+        images = _image_list(rec.get("image_path"))
+        out = _missing(rec, ("image_path", "problem", "solution"), images is not None)
+        out = out or _placed(_text(rec["problem"]), images)
+        if isinstance(out, dict):
+            out = {**out, "response": _text(rec["solution"])}
     else:
         turns = [(_ROLES.get(m.get("role", m.get("from"))), m.get("content", m.get("value")))
                  if isinstance(m, dict) else (None, None) for m in chat if isinstance(chat, list)]
         system = bool(turns) and turns[0][0] == "system"
         turns = turns[1:] if system else turns
         roles = [role for role, _ in turns]
-        images = rec.get("images")
-        images = [images] if isinstance(images, str) else images   # Mulberry's own data gives one path
-        if isinstance(images, list) and len(images) > 1 and all(isinstance(i, str) for i in images):
-            return f"several images: {len(images)} in one sample, and a sample takes one image"
-        if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
-            return "missing field: images must be one image path or a list of one"
+        images = _image_list(rec.get("images"))     # Mulberry's own data gives one path, LLaMA-Factory a list
+        if images is None:
+            return "missing field: images must be an image path or a list of them"
         turns = [(role, _text(text)) for role, text in turns]
         if roles != ["user", "assistant"] or not all(isinstance(text, str) for _, text in turns):
             return f"missing field: messages/conversations must be one user then one assistant turn (got {roles})"
-        if (tags := sum(text.count("<image>") for _, text in turns)) > 1:
-            return f"image tags do not match images: {tags} <image> tags for 1 image"
-        out = {"image_path": images[0], "problem": turns[0][1].replace("<image>", "").strip(),
-               "response": turns[1][1]}
+        out = _placed(turns[0][1], images, turns[1][1])
+        if isinstance(out, str):
+            return out
+        out["response"] = turns[1][1]
         if system:
             out["_note"] = "system_turns_ignored"
     if isinstance(out, dict) and drop_reflective and REFLECTIVE.search(out["response"]):
