@@ -1,6 +1,7 @@
 """qwen/images.py: open an image as the Qwen image processor is given it, for training (training/data.py,
-training/setup.py) and evaluation (benchmarks/harness.py) alike: RGB, transparency on white, high bit depths by their range, sizes the
-image processor refuses as a ValueError, never a crash inside the processor.
+training/setup.py) and evaluation (benchmarks/harness.py) alike: RGB, transparency on white, high bit depths
+by their range, sizes the image processor refuses as a ValueError, never a crash inside the processor; and
+the cheap header check the data loaders run on every record (header_problem: PIL's verify(), no pixels).
 
     image = load_image("figure.png", max_pixels=image_processor.size["longest_edge"])
 """
@@ -69,3 +70,19 @@ def load_image(src, max_pixels=None):
 def load_images(src, max_pixels=None):
     """load_image of one source, or of each source of a list (the images of one prompt, in order)."""
     return [load_image(s, max_pixels) for s in src] if isinstance(src, (list, tuple)) else load_image(src, max_pixels)
+
+
+def header_problem(path):
+    """(reason, why) if PIL cannot read the image's header (verify(): no pixel decode) or its size is
+    refused (check_size), else None."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            size = image.size
+    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError, ... by format
+        return "unreadable image", f"{type(e).__name__}: {e}"
+    try:
+        check_size(*size)
+    except ValueError as e:
+        return "unusable image", str(e)
+    return None

@@ -6,12 +6,12 @@ usable record → ValueError.
 - `load_rl_data`: R1-VL-10K records (image_path, problem, solution, key_steps) for StepGRPO.
 - `load_sft_data`: Mulberry / LLaMA-Factory records (`messages` or ShareGPT `conversations`, plus
   `images`) for the warm-up SFT, or RL records with the solution as the response.
-Images are kept as paths, checked at load time to exist and to have a readable header: PIL's
-verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap enough for every
-record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
-by the trainer when it opens it (qwen/images.py load_image, which evaluation uses too). Sizes the image processor
-refuses (check_size: an aspect ratio of 200 or more, or over PIL's decompression-bomb limit) are
-skipped at both places.
+Images are kept as paths (a list for a sample of several, each where its <image> tag stands), checked at
+load time to exist and to have a readable header (qwen/images.py header_problem: no pixel decode, cheap
+enough for every record of a 10K file). An image that passes but fails to decode (a truncated JPEG) is
+still skipped by the trainer when it opens it (qwen/images.py load_image, which evaluation uses too).
+Sizes the image processor refuses (check_size: an aspect ratio of 200 or more, or over PIL's
+decompression-bomb limit) are skipped at both places.
 Files are UTF-8, with or without a byte-order mark. A number where text is expected ("solution": 2) is its
 text. An image given as a URL (http://, https://, ...) is never fetched: it is a counted skip, or, with
 --image_root, the file of its path under that folder (a logged note).
@@ -26,10 +26,8 @@ import random
 import re
 from pathlib import Path
 
-from PIL import Image
-
 import rewards
-from qwen.images import check_size, load_image, load_images  # noqa: F401 (training opens images as data.load_images)
+from qwen.images import check_size, header_problem, load_image, load_images  # noqa: F401 (data.load_images)
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +106,8 @@ def _resolve_image(name, root, image_root):
     if img is None:
         return (f"image is a URL: {name} (URLs are not fetched, and no file of its path is under {root})" if url
                 else f"missing image: {root / name}")
-    bad = _unreadable(img)
+    bad = header_problem(img)
     return f"{bad[0]}: {img} ({bad[1]})" if bad else (img, name if relocated or url else None)
-
-
-def _unreadable(path):
-    """(reason, why) if PIL cannot read the image's header (verify(): no pixel decode) or its size is
-    refused (check_size), else None."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-            size = image.size
-    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError, ... by format
-        return "unreadable image", f"{type(e).__name__}: {e}"
-    try:
-        check_size(*size)
-    except ValueError as e:
-        return "unusable image", str(e)
-    return None
 
 
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)    # http://, https://, s3://: never fetched
