@@ -11,7 +11,10 @@ Generation is greedy and batched through rollout.generate. Every prediction is a
 ({"id", "prediction"} per line, the same format --predictions reads) as soon as its batch is done,
 and a re-run with the same --out generates only what is missing. The first line of --out records what
 produced it (model, a fingerprint of its weights, prompt, max_new_tokens, data); a run with different
-settings refuses to add to it (use a new --out, or --overwrite). The last line printed is a JSON summary
+settings refuses to add to it (use a new --out, or --overwrite); the header is written once the model has
+loaded, and a run holds a lock on --out, so a second evaluate.py writing the same file stops with one line. An id
+given twice with different predictions is refused (the score would depend on line order); generating for records
+most of whose images cannot be found is refused (pass --image_root). The last line printed is a JSON summary
 (headline number, breakdowns, counts of everything skipped); it is also written to <out stem>.summary.json.
 Per benchmark (loader, scorer, metrics, headline): benchmarks/catalog.py; answer rules: benchmarks/scorers.py;
 what training's held-out evaluation shares with this file (records, question, image, verdicts): benchmarks/harness.py.
@@ -51,12 +54,13 @@ the answer (mmstar, mathverse, dynamath's replies without JSON) answers.stated_a
                  right), the official yes/no prefix rule.
   toy            accuracy (rewards.is_correct) and format validity (mean rewards.step_rvr), as FRACTIONS in
                  [0, 1] like train.py's summaries; every benchmark's metrics are percentages ("unit").
-Multi-image rows are pasted side by side into one image (rollout takes one image per question).
+Multi-image rows are pasted side by side into one image.
 Prompts: the question text of question_text() inside rollout's r1vl or plain instruction. The paper's
 numbers came from VLMEvalKit (its own prompts, images of 1003520 to 12845056 pixels); the default
 pixel range here is model.py's, as in training (see --min_pixels / --max_pixels / --max_prompt_len).
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -120,8 +124,9 @@ def default_out(args):
 
 def read_predictions(path, counts, known=None):
     """({id: raw text}, the file's "produced_by" header or None) from a jsonl file; malformed lines
-    (a line cut short by a killed run, too) and unknown ids are counted and logged."""
-    preds, header = {}, None
+    (a line cut short by a killed run, too) and unknown ids are counted and logged. An id given twice with
+    the same text is counted; with different texts the score would depend on line order: refused, one line."""
+    preds, header, line_of = {}, None, {}
     if not Path(path).is_file():
         return preds, header
     for n, line in enumerate(open(path, encoding="utf-8-sig"), 1):   # a byte-order mark is not part of line 1
@@ -141,47 +146,92 @@ def read_predictions(path, counts, known=None):
             if counts["unknown_prediction_ids"] <= 5:
                 log.warning("%s line %d: id %r is not in the data, ignored", path, n, rid)
             continue
-        counts["duplicate_prediction_ids"] += rid in preds
-        preds[rid] = text if isinstance(text, str) else ""
+        text = text if isinstance(text, str) else ""
+        if rid in preds and preds[rid] != text:
+            sys.exit(f"{path}: id {rid!r} has two different predictions (lines {line_of[rid]} and {n}); the score "
+                     "would depend on line order: keep one line per id")
+        if rid in preds:
+            counts["duplicate_prediction_ids"] += 1
+            log.warning("%s line %d: id %r repeats line %d word for word, counted once", path, n, rid, line_of[rid])
+        preds[rid], line_of[rid] = text, line_of.get(rid, n)
     return preds, header
 
 
-def open_out(out, produced_by, overwrite):
-    """Start --out with its header, or check that the existing one came from the same settings."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite or not out.is_file() or out.stat().st_size == 0:
-        out.write_text(json.dumps({"produced_by": produced_by}, ensure_ascii=False) + "\n", encoding="utf-8")
-        return
+def claim_out(out):
+    """Hold an exclusive lock on --out until this run ends (the returned file; closing it lets go), so that a
+    second evaluate.py writing the same file stops with one line instead of mixing its predictions in."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = open(out, "a", encoding="utf-8")
+    except OSError as e:
+        sys.exit(f"cannot write --out {out}: {e.strerror or e}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        sys.exit(f"another evaluate.py is writing to --out {out}: wait for it to end, or pass another --out")
+    return f
+
+
+def check_out(out, produced_by, overwrite):
+    """Refuse to add to an --out made with other settings; True when --out starts afresh (new, empty or
+    --overwrite). Nothing is written here: the header goes in once generation starts (start_out)."""
+    if overwrite or out.stat().st_size == 0:
+        return True
     _, header = read_predictions(out, Counter())
     if header != produced_by:
         diff = sorted(k for k in produced_by if (header or {}).get(k) != produced_by[k])
         sys.exit(f"--out {out} holds predictions made with other settings ({', '.join(diff)} differ"
                  f"{'' if header else ': it has no produced_by header'}); pass a new --out, or --overwrite to replace it")
-    with open(out, "rb+") as f:                        # a line cut short by a killed run: end it, keep it counted
+    return False
+
+
+def start_out(out, produced_by, fresh):
+    """Write --out's produced_by header (fresh), or end a line cut short by a killed run so it stays counted."""
+    if fresh:
+        out.write_text(json.dumps({"produced_by": produced_by}, ensure_ascii=False) + "\n", encoding="utf-8")
+        return
+    with open(out, "rb+") as f:
         f.seek(-1, 2)
         if f.read(1) != b"\n":
             f.write(b"\n")
 
 
+def check_images(recs, min_share=0.5):
+    """Refuse, in one line, to generate for records most of whose images cannot be found: the images are in
+    a folder the loader did not look in. (A few missing ones are skipped and counted as bad_images.)"""
+    missing = [next(s[1] for s in r["images"] if isinstance(s, tuple)) for r in recs
+               if any(isinstance(s, tuple) for s in r["images"])]
+    if recs and len(missing) > min_share * len(recs):
+        sys.exit(f"the images of {len(missing)} of {len(recs)} records cannot be read ({missing[0]}): "
+                 "pass --image_root, the folder that holds them")
+
+
 # ----------------------------------------------------------------------------- generation
-def generate(recs, preds, args, out_path, counts):
-    """Greedy answers for the records without a prediction, appended to out_path batch by batch."""
+def generate(recs, preds, args, out_path, counts, produced_by, fresh):
+    """Greedy answers for the records without a prediction, appended to out_path batch by batch; out_path's
+    header is written once the model has loaded, so a failed load leaves --out as it was."""
     pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     todo = [r for r in recs if r["id"] not in preds]
     log.info("%d of %d records to generate (%d already in %s)", len(todo), len(recs), len(recs) - len(todo), out_path)
     if not todo:
         return
+    check_images(recs)
     try:
         policy, tokenizer, image_processor = model.load(args.model, device=args.device, dtype=args.dtype,
                                                         build=tiny.builder(args.model), **pixels)
     except (OSError, ValueError) as e:                # e.g. a hub id that cannot be reached or does not exist
         sys.exit(f"cannot load model {args.model!r}: {str(e).strip().splitlines()[0]}")
+    start_out(out_path, produced_by, fresh)
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc=f"{args.bench} generate", unit="rec",
                                        file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(todo), args.batch_size):
             generate_batch(todo[start:start + args.batch_size], preds, args, out_path, counts,
                            policy, tokenizer, image_processor)
             bar.update(len(todo[start:start + args.batch_size]))
+    if counts["bad_images"] > len(recs) / 2:
+        sys.exit(f"the images of {counts['bad_images']} of {len(recs)} records could not be read (the warnings above "
+                 f"say why; the other predictions are kept in {out_path}): check --data and --image_root")
 
 
 def generate_batch(chunk, preds, args, out_path, counts, policy, tokenizer, image_processor):
@@ -277,6 +327,8 @@ def check_inputs(args):
         sys.exit(f"--data is required for --bench {args.bench}")
     if args.data and not Path(args.data).exists():
         sys.exit(f"--data {args.data} does not exist")
+    if args.out and Path(args.out).is_dir():
+        sys.exit(f"--out {args.out} is a folder: pass a file in it, e.g. {Path(args.out) / 'predictions.jsonl'}")
 
 
 def check_predictions(args, header, preds, counts, min_share=0.5):
@@ -316,9 +368,11 @@ def main(argv=None):
         out = Path(args.out) if args.out else None
     else:
         out = Path(args.out) if args.out else default_out(args)
-        open_out(out, provenance(args), args.overwrite)
-        preds, _ = read_predictions(out, counts, ids)
-        generate(recs, preds, args, out, counts)
+        with claim_out(out):                          # locked until generation ends
+            produced_by = provenance(args)
+            fresh = check_out(out, produced_by, args.overwrite)
+            preds, _ = ({}, None) if fresh else read_predictions(out, counts, ids)
+            generate(recs, preds, args, out, counts, produced_by, fresh)
     flags, valid = score(args.bench, recs, preds, args.prompt, counts, args.extracted)
     if counts["missing_predictions"]:
         log.warning("%d records have no prediction; they count as wrong", counts["missing_predictions"])

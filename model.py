@@ -70,10 +70,13 @@ def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=Non
     else:
         if not os.path.isdir(name) and (name.startswith(".") or name.startswith("/")):
             raise FileNotFoundError(f"model directory {name!r} does not exist")
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        tokenizer.chat_template = tokenizer.chat_template or processor_chat_template(name)
-        image_processor = AutoImageProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+        where = hub_access(name)
+        check_vision(name, transformers.AutoConfig.from_pretrained(name, **where))
+        tokenizer = AutoTokenizer.from_pretrained(name, **where)
+        tokenizer.chat_template = tokenizer.chat_template or processor_chat_template(name, **where)
+        image_processor = AutoImageProcessor.from_pretrained(name, **where)
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation,
+                                                            **where)
         set_pixel_range(image_processor, MIN_TOKENS, MAX_TOKENS)
     if min_pixels or max_pixels:   # pixels given by the user win
         size = image_processor.size
@@ -83,11 +86,39 @@ def load(name, device=None, dtype=None, attn_implementation=None, min_pixels=Non
     return model.to(device), tokenizer, image_processor
 
 
-def processor_chat_template(name):
+def hub_access(name, timeout=3):
+    """from_pretrained's keywords for `name`: {} for a local folder or when the hub answers; offline
+    (HF_HUB_OFFLINE, or no answer within `timeout` s) a hub id in the local cache loads from it, and one not
+    in it is an OSError at once, saying so (transformers would retry for about a minute first)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+    if os.path.isdir(name):
+        return {}
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            return {}
+        except Exception as e:     # any failure to get an answer: offline for this load
+            why = f"{constants.ENDPOINT} does not answer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    raise OSError(f"{name} is not a local folder, the hub cannot be reached ({why}) and it is not in the local "
+                  "cache: pass a local folder, or download it where there is a network")
+
+
+def check_vision(name, config):
+    """ValueError for a model without a vision tower (a text-only LM): name the families that have one."""
+    if getattr(config, "vision_config", None) is None:   # the families are qwen/families.py's FAMILIES
+        raise ValueError(f"{name} has no vision tower (model_type {config.model_type!r}, a text-only model): pass a "
+                         "vision-language model of a supported family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5")
+
+
+def processor_chat_template(name, **where):
     """The chat template a checkpoint keeps for its processor (chat_template.jinja or .json) when its
     tokenizer has none; Qwen2-VL's format (CHAT_TEMPLATE) when it has neither."""
     for file in ("chat_template.jinja", "chat_template.json"):
-        path = transformers.utils.cached_file(name, file, _raise_exceptions_for_missing_entries=False)
+        path = transformers.utils.cached_file(name, file, _raise_exceptions_for_missing_entries=False, **where)
         if path:
             text = open(path).read()
             return json.loads(text)["chat_template"] if file.endswith(".json") else text
@@ -117,10 +148,17 @@ CHAT_TEMPLATE = (
 
 def prompt_text(tokenizer, question, style="r1vl", image=True):
     """The chat prompt for one question, from the model's own chat template: one user turn (the image, then
-    the instruction) and the assistant header. Templates with a thinking switch (Qwen3.5) get it off: the
-    R1-VL reply is the reasoning, so no <think> block is opened (rewards.visible_reply drops one anyway)."""
+    the instruction) and the assistant header. `image` may be a number of images: a question holding as many
+    `<image>` tags gets each image where its tag stands, else the images come first. Templates with a thinking
+    switch (Qwen3.5) get it off: the R1-VL reply is the reasoning, so no <think> block is opened
+    (rewards.visible_reply drops one anyway)."""
     instruction = {"r1vl": R1VL_INSTRUCTION, "plain": PLAIN_INSTRUCTION}[style].format(question=question)
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": instruction}]
+    parts, n = instruction.split("<image>"), int(image)
+    if n and len(parts) == n + 1:
+        content = [c for k, text in enumerate(parts) for c in ([{"type": "image"}] if k else [])
+                   + ([{"type": "text", "text": text}] if text else [])]
+    else:
+        content = [{"type": "image"}] * n + [{"type": "text", "text": instruction}]
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=False)
 
@@ -129,23 +167,30 @@ def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", ma
                  prompts=None):
     """Tokenise a batch of (image, question) into left-padded model inputs.
 
-    Each `<|image_pad|>` is expanded to t·h·w / merge² tokens from `image_grid_thw`, as the processor
-    does. Prompts longer than `max_prompt_len` are dropped (never truncated into image tokens):
-    `batch["kept"]` lists the indices that remain. `prompts` overrides the chat text (SFT uses it).
-    Returns input_ids, attention_mask, mm_token_type_ids (0 text, 1 image), pixel_values (rows of all
-    images in batch order), image_grid_thw (one row per image; a row without image has none), kept.
+    An image may be None (a question without one) or a list of images (several in one prompt, in order;
+    prompt_text places them). Each `<|image_pad|>` is expanded to t·h·w / merge² tokens of its image from
+    `image_grid_thw`, as the processor does. Prompts longer than `max_prompt_len` are dropped (never
+    truncated into image tokens): `batch["kept"]` lists the indices that remain. `prompts` overrides the chat
+    text (SFT uses it). Returns input_ids, attention_mask, mm_token_type_ids (0 text, 1 image), pixel_values
+    (rows of all images in batch order), image_grid_thw (one row per image), kept.
     """
     merge = image_processor.merge_size
-    texts = prompts or [prompt_text(tokenizer, q, style, image=im is not None) for im, q in zip(images, questions)]
-    with_image = [i for i, im in enumerate(images) if im is not None]
+    per_row = [[] if im is None else list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    texts = prompts or [prompt_text(tokenizer, q, style, image=len(ims)) for ims, q in zip(per_row, questions)]
+    flat = [im for ims in per_row for im in ims]
+    first = [sum(map(len, per_row[:i])) for i in range(len(per_row))]     # row -> index of its first image
     pixel_values = grid = None
-    if with_image:
-        enc = image_processor(images=[images[i] for i in with_image], return_tensors="pt")
+    if flat:
+        enc = image_processor(images=flat, return_tensors="pt")
         pixel_values, grid = enc["pixel_values"], enc["image_grid_thw"]
-    n_image_tokens = dict(zip(with_image, (grid.prod(-1) // merge ** 2).tolist() if with_image else []))
+    n_image_tokens = (grid.prod(-1) // merge ** 2).tolist() if flat else []
     rows, kept = [], []
     for i, text in enumerate(texts):
-        text = text.replace("<|image_pad|>", "<|image_pad|>" * n_image_tokens.get(i, 0))
+        pieces = text.split("<|image_pad|>")
+        if len(pieces) - 1 != len(per_row[i]):
+            raise ValueError(f"prompt {i} has {len(pieces) - 1} image placeholders for {len(per_row[i])} images")
+        counts = n_image_tokens[first[i]:first[i] + len(per_row[i])]
+        text = pieces[0] + "".join("<|image_pad|>" * n + piece for n, piece in zip(counts, pieces[1:]))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_len:
             continue
@@ -160,10 +205,9 @@ def build_inputs(tokenizer, image_processor, images, questions, style="r1vl", ma
     for r, ids in enumerate(rows):                                    # left padding for generation
         input_ids[r, length - len(ids):] = torch.tensor(ids)
         attention_mask[r, length - len(ids):] = 1
-    if with_image:                                                    # keep only the kept rows' image blocks
+    if flat:                                                          # keep only the kept rows' image blocks
         offsets = [0] + (grid.prod(-1)).cumsum(0).tolist()
-        blocks = {i: b for b, i in enumerate(with_image)}
-        keep = [blocks[i] for i in kept if i in blocks]
+        keep = [b for i in kept for b in range(first[i], first[i] + len(per_row[i]))]
         pixel_values = torch.cat([pixel_values[offsets[b]:offsets[b + 1]] for b in keep]) if keep else None
         grid = grid[keep] if keep else None
     batch = dict(input_ids=input_ids, attention_mask=attention_mask,
@@ -187,14 +231,15 @@ def select_rows(batch, rows):
     """The sub-batch of `rows`, keeping each row's block of pixel_values with it (pixel_values holds the
     images of all rows back to back, so plain row indexing would give a row another row's image)."""
     rows = torch.as_tensor(rows, dtype=torch.long)
-    has_image = batch["mm_token_type_ids"].any(-1)
+    mm = batch["mm_token_type_ids"].bool()
+    per_row = (mm[:, 1:] & ~mm[:, :-1]).sum(-1) + mm[:, 0]   # images of each row: its runs of image tokens
     out = {k: v[rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if batch["image_grid_thw"] is None:
         return {**out, "pixel_values": None, "image_grid_thw": None}
-    image_index = has_image.long().cumsum(0) - 1          # row -> its image block
+    first = (per_row.cumsum(0) - per_row).tolist()         # row -> its first image block
     sizes = batch["image_grid_thw"].prod(-1)
     offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-    blocks = [int(image_index[r]) for r in rows if has_image[r]]
+    blocks = [b for r in rows.tolist() for b in range(first[r], first[r] + int(per_row[r]))]
     out["pixel_values"] = torch.cat([batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in blocks]) if blocks else None
     out["image_grid_thw"] = batch["image_grid_thw"][blocks] if blocks else None
     return out

@@ -313,7 +313,8 @@ class Bench:
     score: Callable        # (record, final answer) -> right or not
     metrics: Callable      # (records, flags) -> {metric: value}, percent
     headline: str          # the metric the paper reports
-    extract: bool = False  # the official pipeline extracts the final answer (an LLM): ours is answers.stated_answer
+    extract: bool = False  # the official pipeline extracts the final answer (an LLM): ours is answers.stated_answer,
+    #                        and score takes reply= (the whole reply it was stated in: scorers.stated_option)
 
 
 BENCHES = {

@@ -18,8 +18,8 @@ from PIL import Image
 import rewards
 from benchmarks import catalog, scorers
 from grading import answers
+from qwen.images import check_size, load_image
 from toy import task as toy
-from training import data
 
 BENCHES = [*catalog.BENCHES, "toy"]
 
@@ -46,8 +46,8 @@ def question(rec, bench, prompt="r1vl"):
 
 
 def open_image(sources):
-    """One RGB image from a record's sources (data.load_image on each); several are pasted side by side on white.
-    ValueError for a source that cannot be read or a size the image processor refuses (data.check_size)."""
+    """One RGB image from a record's sources (qwen.images.load_image on each); several are pasted side by side on white.
+    ValueError for a source that cannot be read or a size the image processor refuses (check_size)."""
     images = []
     for src in sources:
         if isinstance(src, tuple):                     # ("error", why): a source the loader could not resolve
@@ -57,12 +57,12 @@ def open_image(sources):
                 src = base64.b64decode(src, validate=False)
             except (binascii.Error, ValueError) as e:
                 raise ValueError(f"cannot decode a base64 image: {e}") from e
-        images.append(data.load_image(io.BytesIO(src) if isinstance(src, bytes) else src))
+        images.append(load_image(io.BytesIO(src) if isinstance(src, bytes) else src))
     if len(images) < 2:
         if not images:
             raise ValueError("record has no image")
         return images[0]
-    data.check_size(sum(i.width for i in images), max(i.height for i in images))
+    check_size(sum(i.width for i in images), max(i.height for i in images))
     canvas, x = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)), "white"), 0
     for img in images:
         canvas.paste(img, (x, 0))
@@ -92,13 +92,17 @@ def score(bench, recs, preds, prompt, counts, extracted=False):
             flags.append(False)
             valid.append(0.0)
             continue
-        extract = bench != "toy" and catalog.BENCHES[bench].extract
-        answer = text if extracted else final_answer(rewards.visible_reply(text), prompt, counts, extract)
+        extract = bench != "toy" and catalog.BENCHES[bench].extract and not extracted
+        reply = rewards.visible_reply(text)
+        answer = text if extracted else final_answer(reply, prompt, counts, extract)
+        stated = extract and (prompt != "r1vl" or rewards.extract_answer(reply) is None)   # read by stated_answer
         if bench == "toy":
             valid.append(rewards.step_rvr(text))
             flags.append(bool(rewards.is_correct(answer, r["answer"])))
         elif bench == "mathvista":
             flags.append(bool(scorers.score_mathvista(r, answer, extracted=extracted)))
+        elif stated:                                   # a stated answer that names no option: the reply's
+            flags.append(bool(catalog.BENCHES[bench].score(r, answer, reply=reply)))
         else:
             flags.append(bool(catalog.BENCHES[bench].score(r, answer)))
     return flags, valid

@@ -25,11 +25,14 @@ def to_float(s):
 
 
 def option_letter(text, letters="ABCD", options=()):
-    """The option an answer names: 'B', '(B)', 'B. x', 'B: x', 'answer is B', a lone letter, a unique option text."""
+    """The option an answer names: 'B', '(B)', 'B. x', 'B: x', 'answer is B', a lone letter, the option text it is,
+    the one option text it holds (text compared without spaces, '$' and a closing period)."""
     t = text.strip()
     m = re.match(rf"\(?([{letters}])(?:[).:,]|\s|$)", t) or re.search(rf"answer is:?\s*\(?([{letters}])\b", t, re.I)
     lone = set(re.findall(rf"(?<![\w'])([{letters}])(?![\w'])", t))
-    named = [L for L, o in zip(letters, options) if o and str(o).lower() in t.lower()]
+    bare = lambda s: re.sub(r"[\s$]", "", str(s)).rstrip(".").lower()   # '$\frac{1}{12}$' as '\frac{1}{12}.'
+    equal = [L for L, o in zip(letters, options) if bare(o) and bare(o) == bare(t)]
+    named = equal or [L for L, o in zip(letters, options) if bare(o) and bare(o) in bare(t)]
     return m.group(1).upper() if m else lone.pop() if len(lone) == 1 else named[0] if len(named) == 1 else None
 
 
@@ -194,10 +197,17 @@ def score_hallusionbench(rec, answer):
     return ({"A": "yes", "B": "no"}[m.group(1)] if m else yes_no(answer)) == rec["answer"]
 
 
-def score_mathverse(rec, answer):
-    """Approximate (the official judge is an LLM): option letter for multi-choice, else rewards.is_correct."""
+def stated_option(answer, reply, letters, options=()):
+    """The option a stated answer (answers.stated_answer of `reply`) names; if it names none, the one the whole
+    reply names, as the reply was read before answers were extracted from it. No reply: the answer's option."""
+    return option_letter(answer, letters, options) or (option_letter(reply, letters, options) if reply else None)
+
+
+def score_mathverse(rec, answer, reply=None):
+    """Approximate (the official judge is an LLM): option letter for multi-choice, else rewards.is_correct.
+    `reply`: the whole reply `answer` was stated in, read when the answer names no option (stated_option)."""
     if rec["qtype"] == "multi-choice" or re.fullmatch(r"[A-F]", rec["answer"]):
-        return option_letter(answer, "ABCDEF") == rec["answer"][:1]
+        return stated_option(answer, reply, "ABCDEF") == rec["answer"][:1]
     return rewards.is_correct(answer, rec["answer"])
 
 
@@ -211,8 +221,8 @@ def score_mathvision(rec, answer):
     return mathvision_equal(pred, rec["answer"]) or mathvision_equal(pred, gold_text)
 
 
-def score_mmstar(rec, answer):
-    return option_letter(answer, "ABCD", rec["options"]) == rec["answer"]
+def score_mmstar(rec, answer, reply=None):
+    return stated_option(answer, reply, "ABCD", rec["options"]) == rec["answer"]
 
 
 def score_chartqa(rec, answer):

@@ -79,6 +79,7 @@ def extract_answer(text):
 # Phrases that state a final answer, English and Chinese; the text after the last one is the answer.
 _STATED = re.compile(r"(?:\b(?:the\s+)?(?:final|correct)\s+answer\s*(?:is|:)|\bthe\s+answer\s*(?:is|:)|^\s*answer\s*:"
                      r"|最终答案\s*(?:是|为)?|答案\s*(?:是|为|(?=[:：])))[ \t]*[:：]?[ \t]*", re.I | re.M)
+_OPENING_LETTER = re.compile(r"\s*(?:\(([A-J])\)|([A-J])[.:)])(?=\s|$)")
 _IS_TAIL = re.compile(r"\b(?:is|are|equals|was)\s+(?:approximately\s+|about\s+|roughly\s+)?(?=\S)|≈\s*", re.I)
 
 
@@ -96,6 +97,8 @@ def stated_answer(text):
         return None
     if (answer := extract_answer(text)) is not None:
         return answer
+    if opening := _OPENING_LETTER.match(text):                       # 'B: text', '(B) text': the letter stated first
+        return opening.group(1) or opening.group(2)
     if stated := list(_STATED.finditer(text)):
         rest = text[stated[-1].end():].strip()
         if rest and (answer := _clean(rest.split("\n")[0].rstrip("。"))):

@@ -73,8 +73,9 @@ class Thumbs:
         return self.toy[key][int(i)]["image"]
 
     def for_row(self, row):
-        if row.get("image"):
-            return self.of(row["image"], lambda: Image.open(row["image"]))
+        if row.get("image"):                           # a path, or the paths of several images in prompt order
+            paths = [row["image"]] if isinstance(row["image"], str) else row["image"]
+            return "".join(self.of(p, lambda p=p: Image.open(p)) for p in paths)
         if str(row.get("id", "")).startswith("toy-"):
             return self.of(row["id"], lambda: self.toy_image(row["id"]))
         return '<div class="thumb noimage"></div>'

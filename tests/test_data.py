@@ -104,6 +104,34 @@ def test_image_path_not_found_is_retried_as_its_tail_under_the_root(folder, imag
     assert stats["relocated_images"] == 1
 
 
+def test_a_numeric_solution_or_problem_is_its_text(folder):
+    rows = [rl(solution=2), rl(solution=2.5, problem=7), rl(solution=True)]
+    stats = {}
+    out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", rows), stats=stats)
+    assert [(r["problem"], r["solution"]) for r in out] == [("What is x?", "2"), ("7", "2.5")]
+    assert stats["skipped"] == {"missing field": 1}                     # a boolean is no answer
+    sft = data.load_sft_data(write_jsonl(folder / "sft.jsonl", [rl(solution=2), mulberry(answer=3)]))
+    assert [r["response"] for r in sft] == ["2", "3"]
+
+
+def test_an_image_url_is_not_fetched_and_relocated_only_under_image_root(folder, caplog):
+    url = "https://example.com/data/imgs/b.png"
+    path = write_jsonl(folder / "rl.jsonl", [rl(image=url), rl()])
+    stats = {}
+    assert len(data.load_rl_data(path, stats=stats)) == 1
+    assert stats["skipped"] == {"image is a URL": 1} and stats["relocated_images"] == 0
+    with pytest.raises(ValueError, match=r"no usable records \(1 image is a URL\); download the images"):
+        data.load_rl_data(write_jsonl(folder / "one.jsonl", [rl(image=url)]))
+    with caplog.at_level(logging.WARNING):
+        out = data.load_rl_data(path, image_root=folder, stats=stats)
+    assert out[0]["image_path"] == str(folder / "imgs" / "b.png") and stats["relocated_images"] == 1
+    assert any("1 image URL(s) not fetched" in r.getMessage() for r in caplog.records)
+    stats = {}
+    data.load_rl_data(write_jsonl(folder / "two.jsonl", [rl(image="https://example.com/nope.png"), rl()]),
+                      image_root=folder, stats=stats)
+    assert stats["skipped"] == {"image is a URL": 1}
+
+
 @pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
 def test_unreadable_image_is_a_counted_skip_and_alone_fails_at_load_time(folder, content):
     (folder / "bad.png").write_bytes(content)
@@ -164,13 +192,37 @@ def test_sft_loader_reads_mulberry_messages_and_rl_records(folder):
     rows = [mulberry(), rl(image="imgs/b.png", solution="### Step 1:\nx = 3\n\n### The final answer is: 3"),
             mulberry(images=("a.png", "a.png")),           # 3 two images
             mulberry(roles=("user",)),                     # 4 no assistant turn
-            mulberry(images=("nope.png",))]                # 5 missing image
+            mulberry(images=("nope.png",)),                # 5 missing image
+            mulberry(question="<image>x?<image>"),         # 6 two tags, one image
+            mulberry(images=())]                           # 7 no image
     stats = {}
     out = data.load_sft_data(write_jsonl(folder / "sft.jsonl", rows), stats=stats)
     assert out[0] == {"id": "sft.jsonl:1", "image_path": str(folder / "a.png"),
                       "problem": "What is x?", "response": "### Step 1:\nx = 3"}
     assert out[1]["response"].endswith("### The final answer is: 3")
-    assert stats["skipped"] == {"missing field": 2, "missing image": 1}
+    assert stats["skipped"] == {"image tags do not match images": 2, "missing field": 2, "missing image": 1}
+
+
+def test_several_images_per_sample_stand_where_their_tags_are_written(folder):
+    """SFT messages + images, ShareGPT and RL records with two images; a tag count that does not match
+    the images, or a tag in the answer, is a counted skip that says so; one missing image skips its record."""
+    two = ("a.png", "imgs/b.png")
+    rows = [mulberry(question="Compare <image> with <image>.", images=two),
+            {**sharegpt(("human", "<image> then <image>?"), ("gpt", "x = 3")), "images": list(two)},
+            rl(image=list(two), problem="<image> left, <image> right: x?"),
+            mulberry(question="<image> and <image> and <image>", images=two),       # 3 tags, 2 images
+            mulberry(question="<image>", answer="see <image>", images=two),         # a tag in the answer
+            mulberry(question="<image><image>", images=("a.png", "nope.png"))]
+    stats = {}
+    out = data.load_sft_data(write_jsonl(folder / "sft.jsonl", rows), stats=stats)
+    paths = [str(folder / "a.png"), str(folder / "imgs" / "b.png")]
+    assert [(r["problem"], r["image_path"]) for r in out] == [("Compare <image> with <image>.", paths),
+                                                              ("<image> then <image>?", paths),
+                                                              ("<image> left, <image> right: x?", paths)]
+    assert stats["skipped"] == {"image tags do not match images": 2, "missing image": 1}
+    rl_out = data.load_rl_data(write_jsonl(folder / "rl.jsonl", [rl(image=list(two), problem="<image> vs <image>"),
+                                                                 rl(image=list(two))]), stats=stats)
+    assert [r["image_path"] for r in rl_out] == [paths] and stats["skipped"] == {"image tags do not match images": 1}
 
 
 def sharegpt(*turns):

@@ -606,6 +606,87 @@ def test_a_model_that_cannot_be_loaded_stops_with_one_line(tmp_path, monkeypatch
     assert line.startswith("cannot load model 'Org/model': We couldn't connect")
 
 
+def test_a_failed_model_load_leaves_no_header_that_refuses_the_corrected_rerun(tmp_path, monkeypatch):
+    out = tmp_path / "p.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(ev.model, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("no such model")))
+        refused(["--bench", "toy", "--model", "Org/model", "--limit", "1", "--out", str(out)])
+    assert not out.exists() or out.read_text() == ""
+    assert ev.main(["--bench", "toy", "--model", "tiny", "--limit", "1", "--max_new_tokens", "2", "--out", str(out)])
+    assert json.loads(out.read_text().splitlines()[0])["produced_by"]["model"] == "tiny"
+
+
+def test_a_second_evaluate_writing_the_same_out_is_refused(tmp_path, monkeypatch):
+    """The first run holds a lock on --out (taken here as that run would); the second stops before loading."""
+    import fcntl
+    monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "p.jsonl"
+    with open(out, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = refused(["--bench", "toy", "--model", "tiny", "--limit", "1", "--out", str(out)])
+    assert "another evaluate.py is writing to --out" in line and out.read_text() == ""
+
+
+def test_out_naming_a_folder_is_one_line(tmp_path):
+    line = refused(["--bench", "toy", "--model", "tiny", "--limit", "1", "--out", str(tmp_path)])
+    assert "is a folder" in line
+
+
+def test_an_id_predicted_twice_differently_is_refused_and_word_for_word_counted(tmp_path, capsys):
+    samples = ev.toy.dataset(split="test", n=2, seed=0)
+    rows = [{"id": s["id"], "prediction": s["answer"]} for s in samples]
+    line = refused(["--bench", "toy", "--limit", "2", "--predictions",
+                    str(write_jsonl(tmp_path / "a.jsonl", rows + [dict(rows[0], prediction="wrong")]))])
+    assert f"id {samples[0]['id']!r} has two different predictions (lines 1 and 3)" in line
+    ev.main(["--bench", "toy", "--limit", "2", "--predictions", str(write_jsonl(tmp_path / "b.jsonl", rows + rows[:1]))])
+    assert last_json_line(capsys)["counts"]["duplicate_prediction_ids"] == 1
+
+
+@needs_shared
+def test_generating_when_most_images_cannot_be_found_is_refused_naming_image_root(tmp_path, monkeypatch):
+    """MathVista's testmini.json without its images/ folder: one line, no model loaded, no --out written."""
+    monkeypatch.setattr(ev.model, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "p.jsonl"
+    line = refused(["--bench", "mathvista", "--data", str(SHARED / "mathvista/data/testmini.json"), "--model", "tiny",
+                    "--limit", "20", "--out", str(out)])
+    assert "the images of 20 of 20 records cannot be read" in line and "--image_root" in line
+    assert out.read_text() == ""
+
+
+def test_generation_where_most_images_do_not_decode_ends_with_one_line(tmp_path):
+    """Images found but undecodable (2 of 3): the readable record's prediction is kept, the run says why it failed."""
+    rows = [mcq_row(0, b64(), A="x", B="y"), mcq_row(1, "!" * 100, A="x", B="y"), mcq_row(2, "!" * 100, A="x", B="y")]
+    out = tmp_path / "o.jsonl"
+    line = refused(["--bench", "mmstar", "--data", str(write_tsv(tmp_path / "m.tsv", rows)), "--model", "tiny",
+                    "--max_new_tokens", "2", "--out", str(out)])
+    assert "the images of 2 of 3 records could not be read" in line and len(out.read_text().splitlines()) == 2
+
+
+def test_a_text_only_model_folder_is_refused_naming_the_supported_families(tmp_path):
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm/config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    line = refused(["--bench", "toy", "--model", str(tmp_path / "lm"), "--limit", "1", "--out", str(tmp_path / "p.jsonl")])
+    from qwen.families import FAMILIES
+    assert "has no vision tower (model_type 'qwen2'" in line and ", ".join(FAMILIES.values()) in line
+
+
+def test_a_hub_id_fails_at_once_when_offline_and_loads_from_the_cache_when_there(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    class NoNetwork:
+        def head(self, *a, **k):
+            raise ConnectionError("Name or service not known")
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: NoNetwork())
+    with pytest.raises(OSError, match="Org/model .*hub cannot be reached .*does not answer.*not in the local cache"):
+        ev.model.load("Org/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"\(HF_HUB_OFFLINE is set\)"):
+        ev.model.hub_access("Org/model")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/config.json")
+    assert ev.model.hub_access("Org/model") == {"local_files_only": True}
+
+
 # ----------------------------------------------------------------------------- ChartQA labels, final answers in a reply
 def test_chartqa_official_label_is_one_string_compared_whole(tmp_path):
     (tmp_path / "test_human.json").write_text(json.dumps([{"imgname": "a.png", "query": "q", "label": "[2014, 2016]"}]))
@@ -661,3 +742,39 @@ def test_official_rules_that_read_the_whole_reply_still_get_it():
                                        ("it is 15, not 14", False)])
 def test_dynamath_reads_the_stated_answer_of_a_reply_without_json(reply, ok):
     assert sc.score_dynamath({"answer": "14", "atype": "float"}, reply) is ok
+
+
+@pytest.mark.parametrize("prompt", ["plain", "r1vl"])
+@pytest.mark.parametrize("reply, options", [
+    ("B: 8\nThe triangle's height is 4.", ["4", "8", "2", "6"]),                  # the letter stated first wins
+    ("(B) 8, since the height is 4", ["4", "8", "2", "6"]),
+    ("$\\frac{1}{6}$", ["$\\frac{1}{12}$", "$\\frac{1}{6}$", "x", "y"]),            # the option text, '$' or not
+    ("The Maya-number for 17 is B.\n17 = 15 + 2 = 3 lines and 2 points.", ["A", "B", "C", "D"])])  # no option stated
+def test_mmstar_reads_the_option_a_reply_states(reply, options, prompt):
+    rec = {"id": "1", "options": options, "answer": "B", "kind": "mcq"}
+    assert ev.score("mmstar", [rec], {"1": reply}, prompt, Counter())[0] == [True]
+
+
+def test_a_reply_opening_with_an_option_letter_states_that_letter():
+    from grading import answers
+    assert answers.stated_answer("B: 8\nThe triangle's height is 4.") == "B"
+    assert answers.stated_answer("(C) parallel\nso the lines never meet") == "C"
+    assert answers.stated_answer("Because the height is 4.\nThe answer is 8.") == "8"
+
+
+# MMStar's and MathVerse's option rules on MATH-V's 1,532 multiple-choice replies of each published run (plain prompt):
+# correct before answers.stated_answer was used, and now. The stated answer must not lose what the whole reply gave.
+OPTION_RULES = {"Random-Chance": {"mmstar": (260, 263), "mathverse": (94, 94)},
+                "closed-source/Gemini/Gemini-Pro-CoT": {"mmstar": (259, 294), "mathverse": (296, 331)},
+                "closed-source/Qwen/Qwen-VL-Max": {"mmstar": (280, 298), "mathverse": (302, 302)},
+                "open-source/LLavA/LLaVA-v1.5-7B": {"mmstar": (272, 272), "mathverse": (245, 245)}}
+
+
+@needs_shared
+@pytest.mark.parametrize("run", OPTION_RULES)
+def test_option_rules_on_published_replies_score_as_before_the_stated_answer_or_better(run, mathvision_test):
+    out = {json.loads(l)["id"]: json.loads(l)["response"] for l in open(SHARED / f"mathvision/outputs/{run}.jsonl")}
+    recs = [dict(r, kind="mcq", qtype="multi-choice") for r in mathvision_test if r["options"]]
+    for bench, (before, now) in OPTION_RULES[run].items():
+        flags, _ = ev.score(bench, recs, out, "plain", Counter())
+        assert sum(flags) == now >= before

@@ -212,6 +212,34 @@ def test_text_only_question_needs_no_image(tiny):
     assert gap <= 1e-4
 
 
+def test_several_images_in_one_prompt_stand_where_their_tags_are_and_score_as_sampled(tiny):
+    """A row of two images (tags placed in the question), one without an image, one with one: each row keeps
+    its own pixel blocks through the group repeat and a row taken alone; swapping the two images matters."""
+    policy, tok, ip = tiny
+    question = "Left <image> and right <image>: which has more cells?"
+    text = M.prompt_text(tok, question, image=2)
+    assert "Question: Left <|vision_start|><|image_pad|><|vision_end|> and right <|vision_start|>" in text
+    assert M.prompt_text(tok, "q", image=2).count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    images, questions = [IMAGES, None, IMAGES[1]], [question, QUESTIONS[0], QUESTIONS[1]]
+    torch.manual_seed(0)
+    ro = R.generate(policy, tok, ip, images, questions, num_samples=2, temperature=1.3, max_new_tokens=8)
+    assert ro.prompt["image_grid_thw"].shape[0] == 2 * 3 and ro.group.tolist() == [0, 0, 1, 1, 2, 2]
+    full = score(tiny, ro)
+    assert ((full - ro.logprobs) * ro.completion_mask).abs().max().item() <= 1e-4
+    prompt, ids, mask = ro.rows([1])
+    pad = int((prompt["attention_mask"][0] == 0).sum())
+    alone = {k: (v[:, pad:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in prompt.items()}
+    assert alone["image_grid_thw"].shape[0] == 2
+    with torch.no_grad():
+        lp = M.completion_logprobs(policy, alone, ids, 1.3, ro.suppress_ids)
+    assert torch.allclose(lp * mask, full[1:2, :mask.shape[1]] * mask, atol=1e-5)
+    swapped = M.build_inputs(tok, ip, [IMAGES[::-1]] + images[1:], questions)
+    swapped.pop("kept")
+    with torch.no_grad():
+        lp = M.completion_logprobs(policy, M.select_rows(swapped, ro.group), ro.completion_ids, 1.3, ro.suppress_ids)
+    assert ((lp - ro.logprobs) * ro.completion_mask)[:2].abs().max().item() > 1e-2
+
+
 def cast_equal(copy, master):
     """Every weight of `copy` is the master's (gathered if sharded) cast to the dtype `copy` holds it in."""
     masters = dict(master.named_parameters())

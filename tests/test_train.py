@@ -564,3 +564,26 @@ def test_fsdp_rl_rank_with_every_prompt_skipped_runs_a_placeholder_and_every_ski
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["skipped"]["bad_image"] == 1 and summary["skipped"]["rl_data"] == {"missing image": 1}
     assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]
+
+
+def test_records_with_several_images_train_both_stages_and_show_in_the_viewer(tmp_path):
+    """Two RL records of two images each, their tags placed in the question: the warm-up (the solution as the
+    response) and StepGRPO train on them with the tiny model, and the viewer shows both images of a prompt."""
+    from PIL import Image
+    from scripts import viewer
+    for name, colour in (("left.png", "red"), ("right.png", "blue")):
+        Image.new("RGB", (56, 56), colour).save(tmp_path / name)
+    rows = [{"image_path": ["left.png", "right.png"], "problem": f"Left: <image> right: <image> {q}",
+             "solution": "### Step 1:\nred and blue\n### The final answer is: red", "key_steps": {"Steps": [["red"]]}}
+            for q in ("Which is red?", "Which colour is on the left?")]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    T.main(["--out_dir", str(out), "--model", "tiny", "--stage", "both", "--data", str(tmp_path / "rl.jsonl"),
+            "--sft_steps", "1", "--sft_batch", "2", "--max_steps", "1", "--num_generations", "2", "--max_new_tokens", "4",
+            "--micro_batch", "2", "--eval_n", "0", "--log_rollouts_every", "1"])
+    assert [r["stage"] for r in (json.loads(l) for l in open(out / "metrics.jsonl"))].count("sft") == 1
+    assert len(metrics(out)) == 1
+    rollout = json.loads(open(out / "rollouts.jsonl").readline())
+    assert rollout["image"] == [str(tmp_path / "left.png"), str(tmp_path / "right.png")]
+    page = viewer.run_page(out)
+    assert f'title="{tmp_path / "left.png"}"' in page and f'title="{tmp_path / "right.png"}"' in page

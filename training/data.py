@@ -1,4 +1,4 @@
-"""training/data.py: real R1-VL data: loaders, images, key steps, and the order batches are read in.
+"""training/data.py: real R1-VL data: loaders, image checks, key steps, and the order batches are read in.
 
 The embedded toy task lives in toy/task.py. Every record of a real data file is checked; a bad one is
 skipped, counted, and logged as one warning line per reason with its first line numbers; no
@@ -6,12 +6,15 @@ usable record → ValueError.
 - `load_rl_data`: R1-VL-10K records (image_path, problem, solution, key_steps) for StepGRPO.
 - `load_sft_data`: Mulberry / LLaMA-Factory records (`messages` or ShareGPT `conversations`, plus
   `images`) for the warm-up SFT, or RL records with the solution as the response.
-Images are kept as paths, checked at load time to exist and to have a readable header: PIL's
-verify() reads headers (and PNG chunk checksums) without decoding pixels, cheap enough for every
-record of a 10K file. An image that passes but fails to decode (a truncated JPEG) is still skipped
-by the trainer when it opens it. Sizes the image processor refuses (`check_size`: an aspect ratio
-of 200 or more, or over PIL's decompression-bomb limit) are skipped at both places.
-Files are UTF-8, with or without a byte-order mark.
+Images are kept as paths (a list for a sample of several, each where its <image> tag stands), checked at
+load time to exist and to have a readable header (qwen/images.py header_problem: no pixel decode, cheap
+enough for every record of a 10K file). An image that passes but fails to decode (a truncated JPEG) is
+still skipped by the trainer when it opens it (qwen/images.py load_image, which evaluation uses too).
+Sizes the image processor refuses (check_size: an aspect ratio of 200 or more, or over PIL's
+decompression-bomb limit) are skipped at both places.
+Files are UTF-8, with or without a byte-order mark. A number where text is expected ("solution": 2) is its
+text. An image given as a URL (http://, https://, ...) is never fetched: it is a counted skip, or, with
+--image_root, the file of its path under that folder (a logged note).
 
 Key steps (`key_steps_from_solution`): an offline, rule-based stand-in for the authors' GPT-4
 extraction and augmentation, for data that comes without key steps.
@@ -19,74 +22,14 @@ extraction and augmentation, for data that comes without key steps.
 import json
 import logging
 import math
-import os
 import random
 import re
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 import rewards
+from qwen.images import check_size, header_problem, load_image, load_images  # noqa: F401 (data.load_images)
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------- images
-MAX_ASPECT = 200   # Qwen2-VL's image processor (smart_resize) refuses a longer side 200 times the shorter
-
-
-def check_size(width, height):
-    """ValueError for an image size the image processor refuses, or one over PIL's decompression-bomb
-    limit (decoding it would take gigabytes)."""
-    if min(width, height) < 1 or max(width, height) / min(width, height) >= MAX_ASPECT:
-        raise ValueError(f"{width}x{height} image: aspect ratio {MAX_ASPECT} or more, which the image processor refuses")
-    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"{width}x{height} image: over the {Image.MAX_IMAGE_PIXELS} pixel limit for decoding")
-
-
-def _to_8bit(image):
-    """16-bit, 32-bit integer and float images ("I;16", "I", "F") mapped to 8 bits by their real range:
-    floats in [0, 1] scaled by 255, anything else stretched from its minimum to its maximum (a plain
-    convert() would clip every value over 255 to white)."""
-    pixels = np.asarray(image, dtype=np.float64)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if image.mode == "F" and 0 <= lo and hi <= 1:
-        lo, hi = 0.0, 1.0
-    scaled = (pixels - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
-    return Image.fromarray(np.round(scaled).astype(np.uint8))
-
-
-def load_image(src, max_pixels=None):
-    """Open an image path, bytes stream or PIL image as RGB (None stays None: a question without an
-    image); ValueError if it cannot be decoded or its size is refused (`check_size`).
-
-    Transparency is composited onto white, as Qwen2-VL's own image conversion does (a diagram with
-    a transparent background would otherwise turn black). High bit-depth images are mapped by their
-    range (`_to_8bit`). An image far over `max_pixels` is shrunk first: the image processor resizes
-    it anyway, this only saves its time.
-    """
-    if src is None:
-        return None
-    try:
-        image = src if isinstance(src, Image.Image) else Image.open(src)
-        check_size(*image.size)
-        image.load()
-        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-            image = _to_8bit(image)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, image.convert("RGBA"))
-        image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        name = src if isinstance(src, (str, os.PathLike)) else type(src).__name__
-        raise ValueError(f"cannot read image {name}: {e}") from e
-    if max_pixels and image.width * image.height > 4 * max_pixels:
-        s = math.sqrt(2 * max_pixels / (image.width * image.height))
-        image = image.resize((max(28, round(image.width * s)), max(28, round(image.height * s))), Image.BICUBIC)
-    return image
-
 
 # ---------------------------------------------------------------------------- real data
 # Mulberry's reflective paths are a wrong step, a reflection sentence, then the correct rest. Its
@@ -152,26 +95,29 @@ def _find_image(name, root):
     return None, False
 
 
-def _unreadable(path):
-    """(reason, why) if PIL cannot read the image's header (verify(): no pixel decode) or its size is
-    refused (check_size), else None."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-            size = image.size
-    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError, ... by format
-        return "unreadable image", f"{type(e).__name__}: {e}"
-    try:
-        check_size(*size)
-    except ValueError as e:
-        return "unusable image", str(e)
-    return None
+def _resolve_image(name, root, image_root):
+    """(path, the name it was relocated from, or None) of one image a record names, or a skip reason: a URL
+    (looked up under --image_root only, never fetched), a missing file, an unreadable or unusable image."""
+    url = _URL.match(name)
+    if url and not image_root:
+        return (f"image is a URL: {name} (URLs are not fetched: download the images, then pass their folder as "
+                "--image_root)")
+    img, relocated = _find_image(name[url.end():] if url else name, root)
+    if img is None:
+        return (f"image is a URL: {name} (URLs are not fetched, and no file of its path is under {root})" if url
+                else f"missing image: {root / name}")
+    bad = header_problem(img)
+    return f"{bad[0]}: {img} ({bad[1]})" if bad else (img, name if relocated or url else None)
+
+
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.I)    # http://, https://, s3://: never fetched
 
 
 # What to do when a file has no usable record, by skip reason.
 _ADVICE = {"SFT record": "this is warm-up data: run it with --stage sft",
            "missing key_steps": "pass --derive_key_steps to derive them from each solution",
-           "missing image": "image paths resolve against {root}: set --image_root"}
+           "missing image": "image paths resolve against {root}: set --image_root",
+           "image is a URL": "download the images, then pass their folder as --image_root"}
 
 
 def _load(path, image_root, convert, stats, notes):
@@ -184,7 +130,7 @@ def _load(path, image_root, convert, stats, notes):
     root = Path(image_root) if image_root else path.parent
     unit, records = _read_records(path)
     kept, skipped, first, noted = [], {}, {}, dict.fromkeys(("relocated_images",) + notes, 0)
-    sources, lost = {}, set()      # relocated file → the names that led to it; lines skipped
+    sources, lost, urls = {}, set(), 0   # relocated file → the names that led to it; lines skipped; URLs relocated
 
     def skip(why, line):
         reason, _, detail = why.partition(": ")
@@ -201,35 +147,43 @@ def _load(path, image_root, convert, stats, notes):
         else:
             out = convert(rec, where)
         if isinstance(out, dict):
-            img, relocated = _find_image(out["image_path"], root)
-            bad = img and _unreadable(img)
-            if img is None:
-                out = f"missing image: {root / out['image_path']}"
-            elif bad:
-                out = f"{bad[0]}: {img} ({bad[1]})"
+            names = out["image_path"] if isinstance(out["image_path"], list) else [out["image_path"]]
+            found = [_resolve_image(name, root, image_root) for name in names]
+            bad = next((f for f in found if isinstance(f, str)), None)
+            if bad:
+                out = bad
             else:
                 rid = rec.get("id")
-                sources.setdefault(str(img), set()).add(out["image_path"] if relocated else str(img))
-                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out, "image_path": str(img),
-                       "_line": line, "_from": out["image_path"] if relocated else None}
+                for img, src in found:
+                    sources.setdefault(str(img), set()).add(src or str(img))
+                paths = [str(img) for img, _ in found]
+                out = {"id": f"{path.name}:{line}" if rid is None else str(rid), **out,
+                       "image_path": paths if isinstance(out["image_path"], list) else paths[0],
+                       "_line": line, "_from": [(str(img), src) for img, src in found]}
         if isinstance(out, str):
             skip(out, line)
         else:
             kept.append(out)
     for out in kept:        # relocations: each file may stand for one name only
-        names = sources.get(out["image_path"], ())
-        if out["_from"] is not None and len(names) > 1:
-            other = sorted(names - {out["_from"]})[0]
-            skip(f"ambiguous image path: {out['_from']} and {other} both relocate to {out['image_path']}", out["_line"])
+        for img, src in out["_from"]:
+            names = sources.get(img, ())
+            if src is not None and len(names) > 1 and out["_line"] not in lost:
+                other = sorted(names - {src})[0]
+                skip(f"ambiguous image path: {src} and {other} both relocate to {img}", out["_line"])
     kept = [r for r in kept if r["_line"] not in lost]
     for out in kept:
-        noted["relocated_images"] += out.pop("_from") is not None
+        moved = [src for _, src in out.pop("_from") if src is not None]
+        noted["relocated_images"] += len(moved)
+        urls += sum(bool(_URL.match(src)) for src in moved)
         out.pop("_line")
         if "_note" in out:
             noted[out.pop("_note")] += 1
-    if noted["relocated_images"]:
+    if urls:
+        log.warning("%s: %d image URL(s) not fetched: each was taken as the file of its path under --image_root %s",
+                    path, urls, root)
+    if noted["relocated_images"] > urls:
         log.warning("%s: %d image path(s) not found as given were relocated to their trailing part under %s",
-                    path, noted["relocated_images"], root)
+                    path, noted["relocated_images"] - urls, root)
     for reason, lines in skipped.items():
         lines.sort()
         more = ", ..." if len(lines) > 5 else ""
@@ -247,18 +201,53 @@ def _load(path, image_root, convert, stats, notes):
     return kept
 
 
-def _missing(rec, fields):
-    bad = [f for f in fields if not isinstance(rec.get(f), str) or not rec[f].strip()]
+def _text(value):
+    """A field's text: a string as it is, a number as its text ("solution": 2 is "2"); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
+
+
+def _missing(rec, fields, images=True):
+    """'missing field: ...' for the fields without text; image_path by `images` (a path or a list found)."""
+    bad = [f for f in fields if not (images if f == "image_path" else (_text(rec.get(f)) or "").strip())]
     return f"missing field: {', '.join(bad)}" if bad else None
+
+
+def _image_list(value):
+    """A record's image paths: one path (a number too), or a non-empty list of paths; None if neither."""
+    if isinstance(value, list):
+        return value if value and all((_text(v) or "").strip() for v in value) else None
+    return [_text(value)] if (_text(value) or "").strip() else None
+
+
+def _placed(problem, images, response=""):
+    """{"problem", "image_path"} with the images where the question's <image> tags stand, or a skip reason. One
+    image: its tag, if any, is dropped (the image goes first, as the prompt always puts it); several: one tag
+    per image in the question, kept where written (model.prompt_text places them)."""
+    images = [_text(i) for i in images]
+    tags, stray = problem.count("<image>") + response.count("<image>"), "<image>" in response
+    if len(images) == 1 and tags <= 1:
+        return {"problem": problem.replace("<image>", "").strip(), "image_path": images[0]}
+    if tags != len(images) or stray:
+        return (f"image tags do not match images: {tags} <image> tag(s){' (in the answer)' if stray else ''} "
+                f"for {len(images)} images")
+    return {"problem": problem.strip(), "image_path": images}
 
 
 def _rl_record(rec, where, derive_key_steps):
     if "messages" in rec or "conversations" in rec:
         return "SFT record: has messages/conversations, not image_path/problem/solution/key_steps"
-    missing = _missing(rec, ("image_path", "problem", "solution"))
+    images = _image_list(rec.get("image_path"))
+    missing = _missing(rec, ("image_path", "problem", "solution"), images is not None)
     if missing:
         return missing
-    out = {"image_path": rec["image_path"], "problem": rec["problem"], "solution": rec["solution"]}
+    placed = _placed(_text(rec["problem"]), images)
+    if isinstance(placed, str):
+        return placed
+    out = {"image_path": placed["image_path"], "problem": placed["problem"], "solution": _text(rec["solution"])}
     steps = None
     if rec.get("key_steps") is not None:
         try:  # takes the dict, the bare list, or a JSON string of either
@@ -282,22 +271,27 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
 def _sft_record(rec, drop_reflective):
     chat = rec.get("messages", rec.get("conversations"))
     if chat is None:   # an RL record: the reference path is the response
-        missing = _missing(rec, ("image_path", "problem", "solution"))
-        out = missing or {"image_path": rec["image_path"], "problem": rec["problem"], "response": rec["solution"]}
+        images = _image_list(rec.get("image_path"))
+        out = _missing(rec, ("image_path", "problem", "solution"), images is not None)
+        out = out or _placed(_text(rec["problem"]), images)
+        if isinstance(out, dict):
+            out = {**out, "response": _text(rec["solution"])}
     else:
         turns = [(_ROLES.get(m.get("role", m.get("from"))), m.get("content", m.get("value")))
                  if isinstance(m, dict) else (None, None) for m in chat if isinstance(chat, list)]
         system = bool(turns) and turns[0][0] == "system"
         turns = turns[1:] if system else turns
         roles = [role for role, _ in turns]
-        images = rec.get("images")
-        images = [images] if isinstance(images, str) else images   # Mulberry's own data gives one path
-        if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
-            return "missing field: images must be one image path or a list of one"
+        images = _image_list(rec.get("images"))     # Mulberry's own data gives one path, LLaMA-Factory a list
+        if images is None:
+            return "missing field: images must be an image path or a list of them"
+        turns = [(role, _text(text)) for role, text in turns]
         if roles != ["user", "assistant"] or not all(isinstance(text, str) for _, text in turns):
             return f"missing field: messages/conversations must be one user then one assistant turn (got {roles})"
-        out = {"image_path": images[0], "problem": turns[0][1].replace("<image>", "").strip(),
-               "response": turns[1][1]}
+        out = _placed(turns[0][1], images, turns[1][1])
+        if isinstance(out, str):
+            return out
+        out["response"] = turns[1][1]
         if system:
             out["_note"] = "system_turns_ignored"
     if isinstance(out, dict) and drop_reflective and REFLECTIVE.search(out["response"]):

@@ -68,7 +68,7 @@ def rollout_record(step, batch, row):
     solution, image = sample.get("solution"), sample.get("image_path") or sample.get("image")
     gold = sample.get("answer") or (rewards.extract_answer(solution) if isinstance(solution, str) else None) or solution
     key_steps = sample.get("key_steps")
-    return dict(step=step + 1, id=sample.get("id"), group=int(ro.group[row]), image=image if isinstance(image, str) else None,
+    return dict(step=step + 1, id=sample.get("id"), group=int(ro.group[row]), image=image if isinstance(image, (str, list)) else None,
                 question=sample.get("problem"), gold=gold,
                 key_steps=rewards.validate_key_steps(key_steps) if key_steps is not None else [], completion=text, **r,
                 invalid=rewards.validity_failure(text), spans=rewards.key_step_spans(text, r.get("matched") or []),

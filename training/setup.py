@@ -169,11 +169,11 @@ def lora_reference(run, start):
 
 def open_images(run, samples):
     """(samples kept, their images, their indices). An image that cannot be opened, or that the image processor
-    would refuse (data.load_image), drops its sample; each such record is counted once and logged by its rank."""
+    would refuse (data.load_images), drops its sample; each such record is counted once and logged by its rank."""
     kept, images, index = [], [], []
     for i, s in enumerate(samples):
         try:
-            images.append(data.load_image(s.get("image") or s.get("image_path"), run.image_processor.size["longest_edge"]))
+            images.append(data.load_images(s.get("image") or s.get("image_path"), run.image_processor.size["longest_edge"]))
             kept.append(s)
             index.append(i)
         except ValueError as e:
