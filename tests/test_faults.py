@@ -245,3 +245,19 @@ def test_a_refused_resume_names_every_flag_to_change_at_once():
     message = str(err.value)
     assert "--seed is 3 (checkpoint: 0)" in message and "\n" not in message
     assert "global batch (sft_batch × ranks)" in message and "global batch (prompts_per_step × grad_accum × ranks)" in message
+
+
+def test_a_resume_on_the_toy_task_of_a_run_on_a_file_is_refused():
+    args = T.parse_args(["--stage", "rl", "--resume"])
+    checkpoint.record_inputs(args)
+    saved = dict(stage="rl", step=2, rng=[None], config={**vars(args), "data": "/a/rl.jsonl", "data_fingerprint": "9 bytes, sha256 ab"})
+    with pytest.raises(SystemExit, match="--data is 'toy' \\(checkpoint: '/a/rl.jsonl'\\)"):
+        checkpoint.check_resume(args, saved, 1)
+
+
+def test_the_same_data_file_moved_elsewhere_resumes(tmp_path):
+    rl_file(tmp_path / "rl.jsonl", "red")
+    args = T.parse_args(["--stage", "rl", "--resume", "--data", str(tmp_path / "rl.jsonl")])
+    checkpoint.record_inputs(args)
+    saved = dict(stage="rl", step=2, rng=[None], config={**vars(args), "data": "/gone/rl.jsonl"})
+    assert f"--resume: --data '/gone/rl.jsonl' -> '{tmp_path}/rl.jsonl'" in checkpoint.check_resume(args, saved, 1)

@@ -87,7 +87,7 @@ def check_resume(args, state, world):
         raise SystemExit(f"error: {where} holds the {stage} stage of a --stage {started} run; --stage {args.stage} "
                          f"would not continue it ({why}): resume with {allowed}")
     given = vars(args)
-    for k in [k for k in given if given[k] is None and saved.get(k) is not None]:
+    for k in [k for k in given if given[k] is None and saved.get(k) is not None and k != "data_fingerprint"]:
         given[k] = saved[k]           # a flag left to be chosen when the model loads (--sft_lr) keeps the run's choice
     by_content = {"data_fingerprint"} | ({"data"} if saved.get("data_fingerprint") and given.get("data_fingerprint") else set())
     fixed = [k for k in given if k not in MAY_CHANGE | by_content | {"stage"} and k in saved and not _same(saved[k], given[k])]
@@ -137,7 +137,7 @@ def record_inputs(args):
 
 
 def fingerprint(path):
-    """"<size> bytes, sha256 <hex>" of a file (read in 1 MiB blocks: about a second per GB)."""
+    """"<size> bytes, sha256 <hex>" of a file, read in 1 MiB blocks (300 MB: 0.45 s on a 2-core CPU, file cached)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
