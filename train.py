@@ -353,7 +353,7 @@ def main(argv=None):
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             if os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))
-    before = signal.signal(signal.SIGTERM, interrupt)   # a scheduler's stop, `kill`: as Ctrl-C
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a scheduler's stop, `kill`: as Ctrl-C
     try:
         if args.stage in ("sft", "both") and not (args.resume and checkpoint.stage_of(run.ckpt_path) == "rl"):
             sft(run)
@@ -366,7 +366,7 @@ def main(argv=None):
             summary["rl_records"] = len(run.train_set)
     except Stop as stop:
         if run.master:
-            print(f"{stop}; continue with: {checkpoint.resume_command(argv)}", file=sys.stderr)
+            print(f"\n{stop}; continue with: {checkpoint.resume_command(argv)}", file=sys.stderr)
         return finish(run)
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted: {checkpoint.last_good(run.ckpt_path)}; continue with: {checkpoint.resume_command(argv)}"
@@ -387,10 +387,6 @@ def finish(run):
     run.log.finish()
     if run.ddp:
         dist.destroy_process_group()
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def save_pretrained(run, name):

@@ -209,6 +209,14 @@ def test_a_full_disk_while_saving_a_checkpoint_says_so_rather_than_quoting_the_z
     assert os.listdir(tmp_path / "checkpoint") == []
 
 
+def test_a_full_disk_while_drawing_the_curves_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1, "loss": 1.0}) + "\n")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
+    logs.plot_curves(str(tmp_path))
+    assert capsys.readouterr().out.strip() == f"cannot write {tmp_path}/training_curves.png (no space left on device)"
+
+
 # ---------------------------------------------------------------------------- resume: what the run read
 def rl_file(path, answer):
     from PIL import Image

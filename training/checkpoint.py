@@ -9,9 +9,11 @@ may continue on more or fewer.
 
 `--resume` continues a run as it was started: the flags in MAY_CHANGE may differ (how long it goes,
 what it logs and evaluates, how the work is spread), every other flag must equal the checkpoint's
-config (`check_resume`). A run holds a lock on out_dir (`claim`), so a second run into the same
-folder stops. A failed save (disk full) removes its partial file and stops, naming the last good
-checkpoint.
+config (`check_resume`), its paths absolute and the data file by content (`record_inputs`); a stopped
+run prints the command that continues it (`resume_command`). A run holds a lock on out_dir (`claim`),
+so a second run into the same folder stops. A failed save (disk full) removes its partial file and
+stops, naming the last good checkpoint; final/ and warmup/ are written whole or not at all, and
+weights that are not finite are never written.
 """
 import contextlib
 import errno

@@ -195,5 +195,9 @@ def plot_curves(out_dir):
         ax.set_title(f"held-out {held[-1]['bench']}, greedy: {held[-1]['headline']}", fontsize=9)
         ax.set_xlabel("step of the stage"), ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=110)
+    except OSError as e:           # a full disk: final/ and the logs are written, only the picture is missing
+        tqdm.write(f"cannot write {os.path.join(out_dir, 'training_curves.png')} ({checkpoint.why(e, out_dir)})")
+    finally:
+        plt.close(fig)
