@@ -17,7 +17,7 @@ One StepGRPO step is `batch = collect(run, step)` then `update(run, batch, ...)`
 Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run under
 bf16 autocast and rollouts are sampled from a bf16 copy of the weights, refreshed after every step.
 """
-import argparse, dataclasses, json, math, os, sys, time
+import argparse, dataclasses, json, math, os, signal, sys, time
 
 import torch
 from tqdm import tqdm
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="data order, sampling and the toy task")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint exactly")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds a checkpoint")
-    g.add_argument("--stop_after", type=int, default=0, help="end after N steps of a stage (continue with --resume)")
+    g.add_argument("--stop_after", type=int, default=0, help="save and end after N steps of a stage (continue with --resume)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
     g.add_argument("--fsdp", action="store_true", help="shard blocks, gradients and optimizer state over ranks (FSDP2)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -120,18 +120,28 @@ def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+DIVERGED = 5   # updates skipped in a row (non-finite loss or gradient norm) that stop a run: it has diverged
+
+
+class Stop(Exception):
+    """--stop_after: the stage saved its checkpoint and the run ends here, as asked (exit 0)."""
+
+
 def optimizer_step(run, optimizer, scheduler, loss_value):
-    """Sync, clip and step, unless the loss was not finite on some rank (then skip and log); then refresh the
-    sampler's copy of the weights. Returns the gradient norm before clipping."""
+    """Sync, clip and step, unless the loss (on some rank) or the global gradient norm is not finite: then the
+    update is skipped and logged, so NaN never reaches the weights. Then refresh the sampler's copy of the
+    weights. Returns the gradient norm before clipping."""
     bad = parallel.all_reduce(float(not math.isfinite(loss_value)), run.device, run.ddp)
     params = [q for q in run.policy.parameters() if q.requires_grad]
     parallel.sync_gradients(params, run.world)
-    norm = parallel.clip_gradients(params, 1.0)
-    if bad:
+    norm = parallel.clip_gradients(params, 1.0)          # the global norm: the same on every rank
+    if bad or not math.isfinite(norm):
         run.skipped["nonfinite_loss"] += 1
-        run.log.print(f"non-finite loss {loss_value}: update skipped")
+        run.skipped_in_a_row += 1
+        run.log.print(f"non-finite {'loss ' + str(loss_value) if bad else 'gradient norm ' + str(norm)}: update skipped")
     else:
         optimizer.step()
+        run.skipped_in_a_row = 0
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     if run.sampler is not run.policy:
@@ -139,13 +149,27 @@ def optimizer_step(run, optimizer, scheduler, loss_value):
     return norm
 
 
+def stop_if_diverged(run, stage, step):
+    """DIVERGED updates skipped in a row: the run has diverged; stop with one line (no later step would update)."""
+    if run.skipped_in_a_row < DIVERGED:
+        return
+    lr = "--sft_lr" if stage == "sft" else "--lr"
+    raise SystemExit(f"error: the {stage} stage diverged: the updates of steps {step + 2 - DIVERGED}-{step + 1} had a "
+                     f"non-finite loss or gradient norm with {lr} {getattr(run.args, lr[2:])}; "
+                     f"{checkpoint.last_good(run.ckpt_path)}: lower {lr} and start afresh (--overwrite)"
+                     if run.master else 1)
+
+
 def end_of_step(run, stage, step, start, last, optimizer, scheduler):
-    if (step + 1) % run.args.save_every == 0 or step + 1 == last:
+    """Save every --save_every steps (not on a skipped update: the last good checkpoint stays the one before it),
+    at the stage's end, and where --stop_after stops the run (a stage with steps left)."""
+    stop = run.args.stop_after and step + 1 - start == run.args.stop_after and step + 1 < last
+    if ((step + 1) % run.args.save_every == 0 and not run.skipped_in_a_row) or step + 1 == last or stop:
         skipped, bad_images = all_skips(run)
         checkpoint.save(run.ckpt_path, stage, step + 1, run.policy, optimizer, scheduler, dict(
             skipped=skipped, bad_images=bad_images, config=vars(run.args)), run.args.fsdp, run.ddp, run.master)
-    if run.args.stop_after and step + 1 - start == run.args.stop_after:
-        raise SystemExit(f"stopped after {run.args.stop_after} steps; continue with --resume")
+    if stop:
+        raise Stop(f"stopped after {run.args.stop_after} steps of the {stage} stage (checkpoint at step {step + 1})")
 
 
 # ----------------------------------------------------------------------------- stage 1: SFT warm-up
@@ -195,6 +219,7 @@ def sft(run):
         if loss.requires_grad:
             loss.backward()
         norm = optimizer_step(run, optimizer, scheduler, loss.item())
+        stop_if_diverged(run, "sft", step)
         loss = parallel.all_reduce(loss.item(), run.device, run.ddp) / run.world   # the global mean, not this rank's share
         run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
@@ -304,6 +329,7 @@ def rl(run):
         if step == start:
             flags.require_kept(run, batch.rollout is not None)
         result = update(run, batch, optimizer, scheduler)      # reference log-probs, loss, optimizer step
+        stop_if_diverged(run, "rl", step)
         record = logs.log_rl_step(run, step, batch, result, time.time() - t0)  # metrics.jsonl, rollouts.jsonl
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
         heldout.at(run, "rl", step + 1)
@@ -312,12 +338,14 @@ def rl(run):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     run, t_start, summary = setup(args), time.time(), {}
     if not args.resume and run.master:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             if os.path.exists(os.path.join(args.out_dir, name)):
                 os.remove(os.path.join(args.out_dir, name))
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)   # a scheduler's stop, `kill`: as Ctrl-C
     try:
         if args.stage in ("sft", "both") and not (args.resume and checkpoint.stage_of(run.ckpt_path) == "rl"):
             sft(run)
@@ -328,17 +356,27 @@ def main(argv=None):
             run.reference = load_reference(run)
             rl(run)
             summary["rl_records"] = len(run.train_set)
+    except Stop as stop:
+        if run.master:
+            print(f"\n{stop}; continue with: {checkpoint.resume_command(argv)}", file=sys.stderr)
+        return finish(run)
     except KeyboardInterrupt:
-        again = " ".join(a for a in sys.argv if a not in ("--overwrite", "--resume"))   # --resume replaces them
-        raise SystemExit(f"\ninterrupted: {checkpoint.last_good(run.ckpt_path)}; continue with: python {again} --resume")
+        raise SystemExit(f"\ninterrupted: {checkpoint.last_good(run.ckpt_path)}; continue with: {checkpoint.resume_command(argv)}"
+                         if run.master else 1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     save_pretrained(run, "final")
     skipped = all_skips(run)[0]
     if run.master:
         logs.plot_curves(args.out_dir)
         summary.update(logs.reward_summary(args.out_dir), seconds=round(time.time() - t_start, 1),
                        skipped=skipped, out_dir=args.out_dir)
-        run.log.finish()
         print(json.dumps(logs.finite(summary)))
+    finish(run)
+
+
+def finish(run):
+    run.log.finish()
     parallel.close(finished=True)
 
 

@@ -55,12 +55,13 @@ def test_a_run_whose_first_step_keeps_no_prompt_stops_naming_max_prompt_len(stag
 
 
 def test_the_interrupt_hint_resumes_without_overwrite(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py", "--out_dir", str(tmp_path), "--overwrite"])
+    monkeypatch.setattr(sys, "argv", ["train.py"])
     monkeypatch.setattr(T, "rl", lambda run: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(T, "load_reference", lambda run: None)
     with pytest.raises(SystemExit) as err:
-        T.main(["--out_dir", str(tmp_path), "--stage", "rl", "--eval_n", "0"])
-    assert str(err.value).endswith(f"train.py --out_dir {tmp_path} --resume") and "--overwrite" not in str(err.value)
+        T.main(["--out_dir", str(tmp_path), "--overwrite", "--stage", "rl", "--eval_n", "0"])
+    assert str(err.value).endswith(f"python train.py --out_dir {tmp_path} --stage rl --eval_n 0 --resume")
+    assert "--overwrite" not in str(err.value)
 
 
 @pytest.mark.parametrize("spec", ["1,4", "1,x:64", "1,4:", ":64", "0:64", "1:0"])

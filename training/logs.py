@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 import rewards
-from training import parallel
+from training import checkpoint, parallel
 
 
 class Log:
@@ -23,9 +23,24 @@ class Log:
             self.wandb = wandb.init(project=args.wandb, config=vars(args))
 
     def write(self, name, record):
+        """Append one JSON line. A write that fails (disk full) is undone, so no line is left cut short, and stops
+        the run with one line naming the last good checkpoint."""
         if self.master:
-            with open(os.path.join(self.dir, name), "a") as f:
-                f.write(json.dumps(finite(record)) + "\n")
+            path, fd, end = os.path.join(self.dir, name), None, None
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                end = os.lseek(fd, 0, os.SEEK_END)
+                append(fd, (json.dumps(finite(record)) + "\n").encode())
+            except OSError as e:
+                if end is not None:              # no line left cut short
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, end)
+                ckpt = os.path.join(self.dir, "checkpoint", "ckpt.pt")
+                raise SystemExit(f"error: cannot write {path} ({checkpoint.why(e, self.dir)}); "
+                                 f"{checkpoint.last_good(ckpt)}: free space, then continue with --resume") from None
+            finally:
+                if fd is not None:
+                    os.close(fd)
             if self.wandb and name == "metrics.jsonl":
                 self.wandb.log(flat(record, record["stage"] + "/") if record["stage"].startswith("eval") else record)
 
@@ -36,6 +51,13 @@ class Log:
     def finish(self):
         if self.wandb:
             self.wandb.finish()
+
+
+def append(fd, data):
+    """Write all of `data` to the file descriptor `fd` (os.write may write part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Timer(dict):
@@ -173,5 +195,9 @@ def plot_curves(out_dir):
         ax.set_title(f"held-out {held[-1]['bench']}, greedy: {held[-1]['headline']}", fontsize=9)
         ax.set_xlabel("step of the stage"), ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=110)
+    except OSError as e:           # a full disk: final/ and the logs are written, only the picture is missing
+        tqdm.write(f"cannot write {os.path.join(out_dir, 'training_curves.png')} ({checkpoint.why(e, out_dir)})")
+    finally:
+        plt.close(fig)

@@ -46,6 +46,7 @@ class Run:
     skipped: dict = dataclasses.field(default_factory=lambda: {"long_prompt": 0, "nonfinite_loss": 0})
     bad_images: set = dataclasses.field(default_factory=set)   # ids of records whose image failed to open
     data_skipped: dict = dataclasses.field(default_factory=dict)   # load-time skips by reason, per data file read
+    skipped_in_a_row: int = 0           # updates skipped one after another (non-finite loss or gradient norm)
 
     @property
     def master(self):
@@ -104,6 +105,7 @@ def check_inputs(args):
         raise SystemExit("error: --fsdp with --lora_rank: LoRA's trained state is small, use data parallel (torchrun without --fsdp)")
     if args.data != "toy" and not os.path.isfile(args.data):
         raise SystemExit(f"error: data file {args.data!r} not found")
+    checkpoint.record_inputs(args)                 # absolute paths and the data file's fingerprint, for --resume
     if args.wandb:
         try:
             import wandb  # noqa: F401  (checked here; logs.py uses it)
