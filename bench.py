@@ -7,7 +7,6 @@
     python bench.py --memory                               # bytes per GPU of the paper's step, 2B and 7B (no GPU needed)
     python bench.py --model qwen2-vl-2b --workload paper --lora_rank 64   # that step's measured peak (CUDA)
     python bench.py --compile_vs_eager 16:2048             # ms per decode step, compiled and eager (CPU too)
-    python bench.py --gpu_check                            # a GPU's acceptance check, verdict per line (scripts/gpu_check.py)
 
 Workloads (every completion exactly --max_new_tokens long: EOS is ignored, so runs compare):
     small  2 prompts x M = 4, 64 new tokens, one 112x112 image and a short question per prompt, β = 0.04.
@@ -45,10 +44,8 @@ WORKLOADS = {"small": dict(prompts_per_step=2, grad_accum=1, max_new_tokens=64, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults)
-    p.add_argument("--model", default=None, help="'tiny', 'qwen2-vl-2b' (random weights) or a model directory "
-                   "(default: tiny; with --gpu_check qwen2-vl-2b on CUDA)")
-    p.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
-                   help="see the module docstring (default: small; with --gpu_check paper on CUDA)")
+    p.add_argument("--model", default="tiny", help="'tiny', 'qwen2-vl-2b' (random weights) or a model directory")
+    p.add_argument("--workload", default="small", choices=sorted(WORKLOADS), help="see the module docstring")
     p.add_argument("--steps", type=int, default=3, help="timed steps; one more runs first as warm-up")
     p.add_argument("--gradient_checkpointing", action="store_true", help="as train.py's flag")
     p.add_argument("--decode_table", nargs="?", const="1,4,8,16:64,256,1024", default=None,
@@ -60,12 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--lora_rank", type=int, default=0, help="as train.py's flag")
     p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
     p.add_argument("--memory", action="store_true", help="print the counted bytes per GPU (training/memory.py) and exit")
-    p.add_argument("--gpu_check", action="store_true", help="the acceptance check of a GPU: decode speed against its "
-                   "bandwidth floor, the paper's step, peak memory against the counted one, KL at step 0, sampling vs "
-                   "scoring, one LoRA and one FSDP step; a verdict per line (scripts/gpu_check.py)")
     args = p.parse_args(argv)
-    if not args.gpu_check:
-        args.model, args.workload = args.model or "tiny", args.workload or "small"
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps})")
     if args.decode_table and not re.fullmatch(r"\d+(,\d+)*:\d+(,\d+)*", args.decode_table.replace(" ", "")):
@@ -284,9 +276,6 @@ def main():
               " reports peak_memory_gib on a GPU (one process: the data-parallel columns)")
         print(json.dumps({name: dict(columns) for name, (_, columns) in tables.items()}))
         return
-    if args.gpu_check:
-        from scripts import gpu_check
-        return gpu_check.check(args)
     model = random_2b(args.out_dir) if args.model == "qwen2-vl-2b" else args.model
     run = make_run(model, args.workload, args.out_dir, args.steps + 1,
                    [*(["--gradient_checkpointing"] if args.gradient_checkpointing else []),

@@ -1,6 +1,6 @@
 """scripts/gpu_check.py: the acceptance check of a GPU, one command, a few minutes, one process.
 
-    python bench.py --gpu_check                  # the Qwen2-VL-2B architecture, random weights, on the CUDA device
+    python -m scripts.gpu_check                  # the Qwen2-VL-2B architecture, random weights, on the CUDA device
 
 Runs what a training run on this device will run and prints one line per check with its figure, its target
 and a verdict, then one JSON line; both are written to OUT_DIR/gpu_check.txt and gpu_check.json:
@@ -14,7 +14,9 @@ and a verdict, then one JSON line; both are written to OUT_DIR/gpu_check.txt and
   fsdp        one --fsdp step on one rank (FSDP2 over a one-process group): runs, KL exactly 0
 Without a GPU (tests) it runs the tiny model and the small workload: the mechanics, with no speed or memory
 verdict. Run it with STEPGRPO_CUDA_STANDIN=1 there to take the CUDA configuration (bf16, compiled decoding).
+A failing check exits 1.
 """
+import argparse
 import gc
 import json
 import math
@@ -63,6 +65,20 @@ def first_step_figures(results):
 
 def verdict(ok, measured=True):
     return "n/a" if not measured else "PASS" if ok else "FAIL"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="'qwen2-vl-2b' (random weights), 'tiny' or a model directory "
+                   "(default: qwen2-vl-2b on CUDA, else tiny)")
+    p.add_argument("--workload", default=None, choices=sorted(bench.WORKLOADS),
+                   help="bench.py's workloads (default: paper on CUDA, else small)")
+    p.add_argument("--out_dir", default="out/gpu_check", help="the runs' folders, the random 2B and the report")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    return check(parse_args(argv))
 
 
 def check(args):
@@ -144,4 +160,10 @@ def check(args):
         f.write("\n".join(lines + [summary]) + "\n")
     with open(os.path.join(args.out_dir, "gpu_check.json"), "w") as f:
         f.write(json.dumps(out) + "\n")
+    if failed:
+        raise SystemExit(1)
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -90,19 +90,22 @@ def documented_commands():
 def needs_gpu(command):
     """Commands a user runs on a GPU: torchrun, a real model (a hub id, a trained folder, the random 2B), --compile."""
     words = shlex.split(command)
+    if "scripts.gpu_check" in words:
+        return True
     if not any(w in ("train.py", "evaluate.py", "bench.py") for w in words[:6]):
         return False
     if any(w in words for w in ("--help", "--memory", "--predictions")):
         return False
     model = words[words.index("--model") + 1] if "--model" in words else "tiny"
-    return words[0] == "torchrun" or "--compile" in words or "--gpu_check" in words or not model.startswith("tiny")
+    return words[0] == "torchrun" or "--compile" in words or not model.startswith("tiny")
 
 
 DROP_WITH_VALUE = {"--model", "--data", "--image_root", "--eval_bench", "--eval_data", "--eval_limit", "--eval_every",
                    "--out_dir", "--out", "--workload", "--nproc_per_node", "--bench", "--limit"}
 SHORT = {"train.py": ["--sft_steps", "2", "--max_steps", "2", "--sft_batch", "4", "--prompts_per_step", "2",
                       "--grad_accum", "1", "--max_new_tokens", "24", "--eval_n", "0", "--overwrite"],
-         "bench.py": ["--steps", "1"],         # with --gpu_check: ignored (its own few steps)
+         "bench.py": ["--steps", "1"],
+         "scripts.gpu_check": [],
          "evaluate.py": ["--bench", "toy", "--limit", "2", "--max_new_tokens", "16"]}
 
 
@@ -110,7 +113,7 @@ def on_tiny(command, out):
     """The command on the tiny model and the toy task, a few steps long: the same script, launcher and switches
     (FSDP, LoRA, checkpointing, compile, stage), every file and size argument replaced."""
     words = [w for w in shlex.split(command) if w != "..."]
-    script = next(w for w in words if w.endswith(".py"))
+    script = next(w for w in words if w.endswith(".py") or w == "scripts.gpu_check")
     launcher = [sys.executable]
     if words[0] == "torchrun":   # FSDP on two ranks (lockstep, sharded steps); otherwise one torchrun rank
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", "2" if "--fsdp" in words else "1"]
@@ -127,17 +130,18 @@ def on_tiny(command, out):
     if "--eval_every" in words:          # held-out evaluation during training: on the toy task, at every step
         short = [*short[:short.index("--eval_n")], "--eval_n", "2", "--eval_every", "1", "--overwrite"]
     where = ["--out", os.path.join(out, "eval.jsonl")] if script == "evaluate.py" else ["--out_dir", out]
-    return launcher + [os.path.join(ROOT, script), "--model", "tiny", *kept, *short, *where]
+    path = ["-m", script] if script == "scripts.gpu_check" else [os.path.join(ROOT, script)]
+    return launcher + [*path, "--model", "tiny", *kept, *short, *where]
 
 
 GPU_COMMANDS = sorted({(f, c) for f, c in documented_commands() if needs_gpu(c)})
 
 
 def test_the_documents_name_the_gpu_commands_this_file_runs():
-    names = {c.split(".py")[0].split()[-1] for _, c in GPU_COMMANDS}
-    assert {"train", "evaluate", "bench"} <= names
+    names = {w for _, c in GPU_COMMANDS for w in shlex.split(c) if w.endswith(".py")}
+    assert {"train.py", "evaluate.py", "bench.py"} <= names
     assert any("--fsdp" in c for _, c in GPU_COMMANDS) and any("--compile" in c for _, c in GPU_COMMANDS)
-    assert any("--gpu_check" in c for _, c in GPU_COMMANDS)
+    assert any("scripts.gpu_check" in c for _, c in GPU_COMMANDS)
 
 
 def test_every_documented_gpu_command_runs_in_the_cuda_configuration():
@@ -159,4 +163,4 @@ def test_every_documented_gpu_command_runs_in_the_cuda_configuration():
                 assert res.returncode == 0, f"{where}\n{res.stderr[-2500:]}"
                 last = res.stdout.strip().splitlines()[-1]
                 assert isinstance(json.loads(last), dict), f"{where}\n  last line: {last}"
-                assert json.loads(last).get("passed", True), f"{where}\n{res.stdout[-2500:]}"   # bench.py --gpu_check
+                assert json.loads(last).get("passed", True), f"{where}\n{res.stdout[-2500:]}"   # scripts.gpu_check
