@@ -108,7 +108,9 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- optimisation and checkpoints
 def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
-    opt = torch.optim.AdamW([q for q in run.policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay)
+    # On CUDA the fused kernel: the batched (foreach) default holds a transient as large as the trained fp32 weights
+    opt = torch.optim.AdamW([q for q in run.policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay,
+                            fused=run.device.type == "cuda" or None)
     warm = max(1, int(warmup_frac * steps))
 
     def factor(s):  # SFT: warm-up then cosine (paper); RL: linear decay, no warm-up (official)

@@ -199,6 +199,15 @@ def test_reference_and_policy_agree_bitwise_at_step_0_in_bf16(tmp_path):
     assert torch.equal(pol, ref)
 
 
+def test_adamw_is_fused_on_cuda_and_the_default_elsewhere():
+    """The batched (foreach) AdamW, CUDA's default, holds a transient as large as the trained fp32 weights."""
+    import types
+    net = torch.nn.Linear(2, 2)
+    for device, fused in (("cuda", True), ("cpu", None)):
+        run = types.SimpleNamespace(device=torch.device(device), policy=net)
+        assert T.make_optimizer(run, 1e-3, 0.0, 1, 0.0, False)[0].defaults["fused"] is fused
+
+
 def test_gradient_checkpointing_acts_in_the_rl_stage(tmp_path, monkeypatch):
     """transformers checkpoints a layer only in train mode: the RL stage must put the policy there, and
     the memory saved for backward in the update drops accordingly."""
@@ -320,6 +329,40 @@ def test_fsdp_units_reshard_after_forward_and_the_reference_stays_sharded(tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     states = [json.load(open(tmp_path / "out" / f"state{rank}.json")) for rank in (0, 1)]
     assert all(s == {"reference": True, "policy_after_forward": True, "policy_after_backward": True} for s in states)
+
+
+FSDP_BF16_PROBE = """
+import json, sys, torch
+import model as M, train as T
+from training import parallel
+run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--stage", "rl", "--data", "toy", "--fsdp", "--dtype", "bf16",
+                            "--prompts_per_step", "1", "--num_generations", "2", "--max_new_tokens", "8", "--eval_n", "0"]))
+run.reference = T.load_reference(run)
+seen = {}
+for name, module in run.policy.named_modules():
+    if ".layers." in name or ".blocks." in name:
+        kind = "matmul" if parallel.is_matmul(module) else "norm" if "norm" in type(module).__name__.lower() else None
+        if kind:
+            module.register_forward_pre_hook(lambda m, _, kind=kind: seen.setdefault(kind, set()).add(str(m.weight.dtype)))
+batch = T.collect(run, 0)
+prompt, ids, _ = batch.rollout.rows([0, 1])
+with torch.no_grad(), run.amp:
+    pol, ref, sampler = (M.completion_logprobs(net, prompt, ids) for net in (run.policy, run.reference, run.sampler))
+json.dump(dict(kl_zero=torch.equal(pol, ref), sampler_equal=torch.equal(pol, sampler),
+               seen={k: sorted(v) for k, v in seen.items()}), open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
+"""
+
+
+def test_fsdp_in_bf16_gathers_matmul_weights_in_bf16_and_the_reference_agrees_bitwise_at_step_0(tmp_path):
+    """Under bf16 FSDP's mixed precision gathers a block's matmul weights already cast (autocast keeps no bf16
+    copy of them) and its norms in fp32: policy, reference and sampling copy compute the same bits."""
+    (tmp_path / "probe.py").write_text(FSDP_BF16_PROBE)
+    res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        state = json.load(open(tmp_path / "out" / f"state{rank}.json"))
+        assert state == {"kl_zero": True, "sampler_equal": True,
+                         "seen": {"matmul": ["torch.bfloat16"], "norm": ["torch.float32"]}}, state
 
 
 def bad_image_sft_file(tmp_path):
