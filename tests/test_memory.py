@@ -43,3 +43,26 @@ def test_counted_update_peak_matches_the_measured_cpu_peak(checkpointing):
     activations = count["activations_checkpointed" if checkpointing else "activations"] + count["autocast_casts"]
     assert activations == pytest.approx(by_kind["ACT"] + by_kind["TEMP"], rel=TOLERANCE)
     assert count["activations_checkpointed"] < 0.6 * count["activations"]
+    optimizer = torch.optim.AdamW(net.parameters())
+    tracker = MemTracker()
+    tracker.track_external(net, optimizer)
+    with tracker:
+        optimizer.step()                        # AdamW's two moments appear at its first step
+    state = {str(k).split(".")[-1]: v for k, v in tracker.get_tracker_snapshot()[torch.device("cpu")].items()}
+    assert state["OPT"] == pytest.approx(count["optimizer"], rel=1e-3)    # + the per-tensor step counters
+    # (the peak within the CPU's per-tensor AdamW step adds a few of the largest tensor's temporaries; CUDA's
+    # fused kernel, which train.py uses there, adds none)
+
+
+def test_fsdp_reads_the_model_into_cpu_memory_and_shards_it_there(monkeypatch):
+    """Under --fsdp no GPU holds the whole fp32 model: it is read on the CPU, and FSDP moves each unit's shard
+    to the GPU as it shards it; a bf16 run asks FSDP for bf16 gathers."""
+    import train as T
+    from training import parallel, setup
+    loaded, sharded, real = [], [], M.load
+    monkeypatch.setattr(M, "load", lambda name, device=None, **kw: loaded.append(str(device)) or real(name, device=device, **kw))
+    monkeypatch.setattr(parallel, "shard", lambda net, dtype=None: sharded.append((next(net.parameters()).device.type, dtype)) or net)
+    args = T.parse_args(["--dtype", "bf16", "--out_dir", "unused"])
+    args.fsdp = True                                          # as under torchrun
+    setup.load_model(args, "tiny", torch.device("cuda"))
+    assert loaded == ["cpu"] and sharded == [("cpu", torch.bfloat16)]
