@@ -348,7 +348,9 @@ batch = T.collect(run, 0)
 prompt, ids, _ = batch.rollout.rows([0, 1])
 with torch.no_grad(), run.amp:
     pol, ref, sampler = (M.completion_logprobs(net, prompt, ids) for net in (run.policy, run.reference, run.sampler))
-json.dump(dict(kl_zero=torch.equal(pol, ref), sampler_equal=torch.equal(pol, sampler),
+optimizer, scheduler = T.make_optimizer(run, 1e-3, 0.0, 1, 0.0, False)
+norm = T.update(run, batch, optimizer, scheduler)["grad_norm"]          # bf16 gradients, reduced in fp32
+json.dump(dict(kl_zero=torch.equal(pol, ref), sampler_equal=torch.equal(pol, sampler), trains=0 < norm < float("inf"),
                seen={k: sorted(v) for k, v in seen.items()}), open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
 """
 
@@ -361,7 +363,7 @@ def test_fsdp_in_bf16_gathers_matmul_weights_in_bf16_and_the_reference_agrees_bi
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         state = json.load(open(tmp_path / "out" / f"state{rank}.json"))
-        assert state == {"kl_zero": True, "sampler_equal": True,
+        assert state == {"kl_zero": True, "sampler_equal": True, "trains": True,
                          "seen": {"matmul": ["torch.bfloat16"], "norm": ["torch.float32"]}}, state
 
 

@@ -207,9 +207,8 @@ def account(architecture, lora_rank=0, freeze_vision=False, fsdp=False, world=1,
     params = list(net.parameters())                                       # tied weights once
     trained = [q for q in params if q.requires_grad]
     n = world if fsdp else 1
-    head = {id(q) for q in net.lm_head.parameters()}
     in_blocks = {id(q) for b in parallel.blocks(net) for q in b.parameters()}
-    cast = [q for q in matmul_weights(net, skip=[net.lm_head]) if q.requires_grad and id(q) not in head
+    cast = [q for q in matmul_weights(net, skip=[net.lm_head]) if q.requires_grad    # the LM head runs in fp32
             and not (fsdp and id(q) in in_blocks)]                       # FSDP gathers those already in bf16
     out = dict(weights=nbytes(params, n), gradients=nbytes(trained, n), optimizer=2 * nbytes(trained, n),
                step_transient=max(shard_bytes(q, n) for q in trained),
