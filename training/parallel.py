@@ -21,7 +21,7 @@ import types
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 import model as M
@@ -59,16 +59,14 @@ def shard(net, param_dtype=None):
     the bytes), so autocast casts nothing and no bf16 copy of a block outlives its unit; gradients are
     reduced in fp32. The weights autocast would not cast (norms, and any other module's own parameters) get
     fp32 units of their own: a block then computes exactly what model.inference_copy computes, the same bits
-    under autocast as without FSDP. The root stays fp32 (embeddings and the fp32 LM head)."""
+    under autocast as without FSDP. Such a module's own matmuls (Qwen3.5's gated delta net reads its conv
+    weight directly) stay in its fp32 unit, cast by autocast. The root stays fp32 (embeddings, LM head)."""
     mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks(net):
         if param_dtype is not None:
             for module in full_precision_parts(block):
-                for inner in module.modules():          # matmuls inside such a module keep the block's dtype
-                    if is_matmul(inner) and not isinstance(inner, FSDPModule):
-                        fully_shard(inner, reshard_after_forward=True, mp_policy=mixed)
                 fully_shard(module, reshard_after_forward=True)
-        fully_shard(block, reshard_after_forward=True, **(dict(mp_policy=mixed) if param_dtype is not None else {}))
+        fully_shard(block, reshard_after_forward=True, mp_policy=mixed)     # param_dtype None: plain fp32
     fully_shard(net, reshard_after_forward=True)
     net.score_tokens = types.MethodType(M.score_tokens, net)
     register_fsdp_forward_method(net, "score_tokens")
