@@ -151,8 +151,8 @@ def probe_blocks(architecture, lora_rank, freeze_vision, n):
     x = torch.randn(1, n, hidden)
     position = torch.arange(n)[None].expand(3, 1, n)
     cos, sin = type(text.rotary_emb)(config=text.config)(x, position)
-    out = dict(layer=probe(text.layers[0], x, attention_mask=None, position_ids=position, position_embeddings=(cos, sin)) / n,
-               norm=probe(text.norm, x) / n, block=0.0, merger=0.0)
+    layer = probe(text.layers[0], x, attention_mask=None, position_ids=position, position_embeddings=(cos, sin))
+    out = dict(layer=layer / n, norm=probe(text.norm, x) / n, block=0.0, merger=0.0)
     trains = lambda m: any(q.requires_grad for q in m.parameters())
     if trains(vision.blocks[0]):
         dim, heads = vision.blocks[0].norm1.weight.shape[0], vision.config.num_heads
