@@ -199,15 +199,6 @@ def test_reference_and_policy_agree_bitwise_at_step_0_in_bf16(tmp_path):
     assert torch.equal(pol, ref)
 
 
-def test_adamw_is_fused_on_cuda_and_the_default_elsewhere():
-    """The batched (foreach) AdamW, CUDA's default, holds a transient as large as the trained fp32 weights."""
-    import types
-    net = torch.nn.Linear(2, 2)
-    for device, fused in (("cuda", True), ("cpu", None)):
-        run = types.SimpleNamespace(device=torch.device(device), policy=net)
-        assert T.make_optimizer(run, 1e-3, 0.0, 1, 0.0, False)[0].defaults["fused"] is fused
-
-
 def test_gradient_checkpointing_acts_in_the_rl_stage(tmp_path, monkeypatch):
     """transformers checkpoints a layer only in train mode: the RL stage must put the policy there, and
     the memory saved for backward in the update drops accordingly."""
