@@ -326,8 +326,8 @@ FSDP_BF16_PROBE = """
 import json, sys, torch
 import model as M, train as T
 from training import parallel
-run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--stage", "rl", "--data", "toy", "--fsdp", "--dtype", "bf16",
-                            "--prompts_per_step", "1", "--num_generations", "2", "--max_new_tokens", "8", "--eval_n", "0"]))
+run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--model", sys.argv[2], "--stage", "rl", "--data", "toy", "--fsdp",
+                            "--dtype", "bf16", "--prompts_per_step", "1", "--num_generations", "2", "--max_new_tokens", "8", "--eval_n", "0"]))
 run.reference = T.load_reference(run)
 seen = {}
 for name, module in run.policy.named_modules():
@@ -350,16 +350,19 @@ torch.distributed.destroy_process_group()
 """
 
 
-def test_fsdp_in_bf16_gathers_matmul_weights_in_bf16_and_the_reference_agrees_bitwise_at_step_0(tmp_path):
+@pytest.mark.parametrize("model, matmul", [("tiny", ["torch.bfloat16"]),
+                                           ("tiny-qwen3.5", ["torch.bfloat16", "torch.float32"])])
+def test_fsdp_in_bf16_gathers_matmul_weights_in_bf16_and_the_reference_agrees_bitwise_at_step_0(tmp_path, model, matmul):
     """Under bf16 FSDP's mixed precision gathers a block's matmul weights already cast (autocast keeps no bf16
-    copy of them) and its norms in fp32: policy, reference and sampling copy compute the same bits."""
+    copy of them) and its norms in fp32: policy, reference and sampling copy compute the same bits. Qwen3.5's
+    gated delta net keeps its own matmuls in its fp32 unit (it reads its conv weight directly)."""
     (tmp_path / "probe.py").write_text(FSDP_BF16_PROBE)
-    res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"))
+    res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"), model)
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         state = json.load(open(tmp_path / "out" / f"state{rank}.json"))
         assert state == {"kl_zero": True, "sampler_equal": True, "trains": True,
-                         "seen": {"matmul": ["torch.bfloat16"], "norm": ["torch.float32"]}}, state
+                         "seen": {"matmul": matmul, "norm": ["torch.float32"]}}, state
 
 
 def bad_image_sft_file(tmp_path):
