@@ -4,7 +4,7 @@
     python bench.py --model qwen2-vl-2b                    # the Qwen2-VL-2B architecture, random weights (CUDA)
     python bench.py --model qwen2-vl-2b --workload paper   # R1-VL's step: 16 rows x 1,024 tokens, 640x480 image
     python bench.py --decode_table                         # also ms per decode step by rows x length
-    python bench.py --memory                               # bytes per GPU of the paper's step, 2B and 7B (no GPU needed)
+    python bench.py --memory                               # bytes per GPU at the paper step's peak (no GPU needed)
     python bench.py --model qwen2-vl-2b --workload paper --lora_rank 64   # that step's measured peak (CUDA)
     python bench.py --compile_vs_eager 16:2048             # ms per decode step, compiled and eager (CPU too)
 
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out/bench", help="the run's folder; the random 2B model is saved here once")
     p.add_argument("--lora_rank", type=int, default=0, help="as train.py's flag")
     p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
-    p.add_argument("--memory", action="store_true", help="print the counted bytes per GPU (training/memory.py) and exit")
+    p.add_argument("--memory", action="store_true",
+                   help="print the counted bytes per GPU at the peak, part by part (training/memory.py); exit")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps})")
@@ -273,7 +274,7 @@ def main():
         for lines, _ in tables.values():
             print("\n".join(lines) + "\n")
         print("CUDA peak: python bench.py --model qwen2-vl-2b --workload paper --steps 1 [--lora_rank 64 | --freeze_vision]"
-              " reports peak_memory_gib on a GPU (one process: the data-parallel columns)")
+              " [--gradient_checkpointing] reports peak_memory_gib on a GPU (one process: the data-parallel columns)")
         print(json.dumps({name: dict(columns) for name, (_, columns) in tables.items()}))
         return
     model = random_2b(args.out_dir) if args.model == "qwen2-vl-2b" else args.model

@@ -42,7 +42,7 @@ PLAIN_INSTRUCTION = "{question}\nAnswer the question using a single word or phra
 
 def cuda_config(device):
     """Whether a run on `device` takes the CUDA configuration: bf16 weights or autocast, a bf16 sampling copy,
-    the compiled decode step, AdamW's foreach step. On a GPU; and on the CPU with STEPGRPO_CUDA_STANDIN=1, which
+    the compiled decode step, AdamW's fused step. On a GPU; and on the CPU with STEPGRPO_CUDA_STANDIN=1, which
     the tests set to run that configuration without one (inductor there, CUDA graphs need a GPU)."""
     return torch.device(device).type == "cuda" or os.environ.get("STEPGRPO_CUDA_STANDIN") == "1"
 

@@ -107,9 +107,10 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- optimisation and checkpoints
 def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
-    # foreach (one batched kernel per step) is CUDA's default; named, so the CPU stand-in (M.cuda_config) runs it too
+    # The fused kernel where CUDA's configuration runs (M.cuda_config, the CPU stand-in included): the batched
+    # (foreach) default would hold a transient as large as the trained fp32 weights
     opt = torch.optim.AdamW([q for q in run.policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay,
-                            foreach=True if M.cuda_config(run.device) else None)
+                            fused=True if M.cuda_config(run.device) else None)
     warm = max(1, int(warmup_frac * steps))
 
     def factor(s):  # SFT: warm-up then cosine (paper); RL: linear decay, no warm-up (official)

@@ -27,8 +27,9 @@ def test_bench_times_the_training_step_and_the_decode_tables(tmp_path, monkeypat
 
 def test_memory_counts_every_byte_of_the_2b_setups_on_the_meta_device():
     """bench.py --memory's accounting (training/memory.py) for the Qwen2-VL-2B: fp32 master weights, gradients and
-    two AdamW moments, a reference in the sampling copy's bf16 layout (fp32 shards under FSDP); FSDP splits them;
-    LoRA trains 64·(in + out) per text Linear layer."""
+    two AdamW moments, a reference in the sampling copy's bf16 layout (fp32 shards under FSDP); FSDP splits them and
+    gathers its blocks' matmul weights in bf16, so autocast casts only the root's; LoRA trains 64·(in + out) per
+    text Linear layer; checkpointing cuts a micro-batch's activations, which set the peak."""
     from training import memory
     full, fsdp, frozen, lora = (memory.account("Qwen2-VL-2B", **kw) for kw in (
         {}, dict(fsdp=True, world=4), dict(freeze_vision=True), dict(lora_rank=64)))
@@ -38,10 +39,14 @@ def test_memory_counts_every_byte_of_the_2b_setups_on_the_meta_device():
     assert full["reference"] == full["sampling_copy"] and 2 * n < full["reference"] < 4 * n / 1.5
     assert fsdp["reference"] == fsdp["weights"]
     assert 4 * n / 4 <= fsdp["weights"] < 4 * n / 4 + 2 ** 20 and fsdp["fsdp_gathered"] > 0
+    assert 2 * n * 0.7 < full["autocast_casts"] < 2 * n and fsdp["autocast_casts"] < full["autocast_casts"] / 20
     vision = memory.meta_model("Qwen2-VL-2B").model.visual
     tower = sum(q.numel() for name, q in vision.named_parameters() if "merger" not in name)
-    assert frozen["gradients"] == 4 * (n - tower)
+    assert frozen["gradients"] == 4 * (n - tower) and frozen["activations"] < full["activations"]
     per_layer = 64 * sum(i + o for i, o in [(1536, 1536), (1536, 256), (1536, 256), (1536, 1536),
                                             (1536, 8960), (1536, 8960), (8960, 1536)])
     assert lora["gradients"] == 4 * 28 * per_layer and lora["reference"] == 0
-    assert lora["sampling_copy"] == full["sampling_copy"] and lora["total"] < 24 * 2 ** 30   # fits 24 GB before activations
+    assert lora["sampling_copy"] == full["sampling_copy"] and lora["peak_checkpointed"] < 24 * 2 ** 30   # fits 24 GB
+    for c in (full, fsdp, frozen, lora):
+        assert c["activations_checkpointed"] < c["activations"] / 4
+        assert c["peak"] - c["peak_checkpointed"] == c["activations"] - c["activations_checkpointed"]

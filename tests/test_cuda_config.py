@@ -1,6 +1,6 @@
 """The CUDA configuration, run on the CPU. STEPGRPO_CUDA_STANDIN=1 (model.cuda_config) gives a CPU run what a GPU
 run gets: bf16 autocast and a bf16 sampling copy, the compiled decode step (inductor; CUDA graphs need a GPU),
-AdamW's foreach step, and, under torchrun, the same collectives. NCCL serves only tensors on the run's device;
+AdamW's fused step, and, under torchrun, the same collectives. NCCL serves only tensors on the run's device;
 on a CPU every tensor is on the host, so the collectives are checked with the host made the wrong place to be:
 under `torch.device("meta")` a tensor made without naming its device is a meta tensor, and a group that serves
 only the run's device (NCCL's device map, here over gloo) refuses it as NCCL refuses a host tensor. Every GPU command of README.md and docs/ runs here, on the tiny model, to its last line."""

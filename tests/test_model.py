@@ -346,18 +346,22 @@ def test_the_sharded_policys_inference_copy_generates_what_the_plain_policy_does
     """)
 
 
-def test_every_sharded_weight_is_a_dtensor_and_adamws_foreach_step_runs(tmp_path):
-    """CUDA's AdamW takes the batched foreach path, which refuses a mix of plain tensors and DTensors; CPU's
-    loops tensor by tensor unless told foreach kernels exist, as here."""
+def test_every_sharded_weight_is_a_dtensor_and_adamws_fused_and_foreach_steps_run(tmp_path):
+    """On CUDA train.py's AdamW is fused; the batched foreach path (CUDA's default) refuses a mix of plain tensors
+    and DTensors. CPU loops tensor by tensor unless told foreach kernels exist, as here; its fused kernel is
+    the CUDA one's twin."""
     run_sharded(tmp_path, """
         import types, train
         from torch.optim import optimizer as adam_support
         adam_support._get_foreach_kernels_supported_devices = lambda: ["cuda", "cpu"]
         assert all(isinstance(q, DTensor) for q in policy.parameters())
-        optimizer, _ = train.make_optimizer(types.SimpleNamespace(policy=policy), 1e-3, 0.0, 10, 0.0, False)
-        for q in policy.parameters():
-            q.grad = torch.zeros_like(q)
-        optimizer.step()
+        for device in ("cuda", "cpu"):              # "cuda": fused (the parameters stay on the CPU)
+            run = types.SimpleNamespace(policy=policy, device=torch.device(device))
+            optimizer, _ = train.make_optimizer(run, 1e-3, 0.0, 10, 0.0, False)
+            assert optimizer.defaults["fused"] is (True if device == "cuda" else None)
+            for q in policy.parameters():
+                q.grad = torch.zeros_like(q)
+            optimizer.step()
     """)
 
 

@@ -322,6 +322,49 @@ def test_fsdp_units_reshard_after_forward_and_the_reference_stays_sharded(tmp_pa
     assert all(s == {"reference": True, "policy_after_forward": True, "policy_after_backward": True} for s in states)
 
 
+FSDP_BF16_PROBE = """
+import json, sys, torch
+import model as M, train as T
+from training import parallel
+run = T.setup(T.parse_args(["--out_dir", sys.argv[1], "--model", sys.argv[2], "--stage", "rl", "--data", "toy", "--fsdp",
+                            "--dtype", "bf16", "--prompts_per_step", "1", "--num_generations", "2", "--max_new_tokens", "8", "--eval_n", "0"]))
+run.reference = T.load_reference(run)
+seen = {}
+for name, module in run.policy.named_modules():
+    if ".layers." in name or ".blocks." in name:
+        kind = "matmul" if parallel.is_matmul(module) else "norm" if "norm" in type(module).__name__.lower() else None
+        if kind:
+            module.register_forward_pre_hook(lambda m, _, kind=kind: seen.setdefault(kind, set()).add(str(m.weight.dtype)))
+batch = T.collect(run, 0)
+prompt, ids, _ = batch.rollout.rows([0, 1])
+with torch.no_grad(), run.amp:
+    pol, ref, sampler = (M.completion_logprobs(net, prompt, ids) for net in (run.policy, run.reference, run.sampler))
+with run.amp:
+    logp = M.completion_logprobs(run.policy, prompt, ids)
+logp.sum().backward()                                      # bf16 gradients, reduced in fp32 onto fp32 shards
+trained = [q for q in run.policy.parameters() if q.requires_grad]
+norm = parallel.clip_gradients(trained, float("inf")) if all(q.grad.dtype == torch.float32 for q in trained) else 0
+json.dump(dict(kl_zero=torch.equal(pol, ref), sampler_equal=torch.equal(pol, sampler), trains=0 < norm < float("inf"),
+               seen={k: sorted(v) for k, v in seen.items()}), open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("model, matmul", [("tiny", ["torch.bfloat16"]),
+                                           ("tiny-qwen3.5", ["torch.bfloat16", "torch.float32"])])
+def test_fsdp_in_bf16_gathers_matmul_weights_in_bf16_and_the_reference_agrees_bitwise_at_step_0(tmp_path, model, matmul):
+    """Under bf16 FSDP's mixed precision gathers a block's matmul weights already cast (autocast keeps no bf16
+    copy of them) and its norms in fp32: policy, reference and sampling copy compute the same bits. Qwen3.5's
+    gated delta net keeps its own matmuls in its fp32 unit (it reads its conv weight directly)."""
+    (tmp_path / "probe.py").write_text(FSDP_BF16_PROBE)
+    res = torchrun(str(tmp_path / "probe.py"), str(tmp_path / "out"), model)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        state = json.load(open(tmp_path / "out" / f"state{rank}.json"))
+        assert state == {"kl_zero": True, "sampler_equal": True, "trains": True,
+                         "seen": {"matmul": matmul, "norm": ["torch.float32"]}}, state
+
+
 def bad_image_sft_file(tmp_path):
     """Two SFT records: a readable image and a JPEG cut short (its header passes the loader's check, its pixels do not)."""
     from PIL import Image

@@ -22,7 +22,7 @@ import types
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 import model as M
@@ -56,22 +56,45 @@ def blocks(net):
     return [*net.model.language_model.layers, *net.model.visual.blocks]
 
 
-def shard(net):
+def shard(net, param_dtype=None):
     """FSDP2's usual form: each block is a unit, and the root holds the rest (embeddings, LM head, norms,
-    vision merger), so every trainable weight is a shard and AdamW's batched (foreach) path, CUDA's default,
-    sees only DTensors. Scoring (model.completion_logprobs) calls the trunk and reads the LM head's weight
-    instead of the root's forward, so `score_tokens` is registered as a forward of the root: FSDP gathers the
-    root's weights around it, again for its backward, and reduce-scatters their gradients.
+    vision merger), so every trainable weight is a shard and AdamW sees only DTensors. Scoring
+    (model.completion_logprobs) calls the trunk and reads the LM head's weight instead of the root's forward,
+    so `score_tokens` is registered as a forward of the root: FSDP gathers the root's weights around it, again
+    for its backward, and reduce-scatters their gradients.
 
     `reshard_after_forward=True` everywhere, the root included, which by default keeps its weights whole
     from forward to the end of backward: without a backward (the frozen reference) they would stay whole,
-    and for the policy it bounds memory to one gathered block plus the root's weights while in use."""
+    and for the policy it bounds memory to one gathered block plus the root's weights while in use.
+
+    With `param_dtype` (bf16 runs) FSDP's mixed precision gathers a block's matmul weights already cast (half
+    the bytes), so autocast casts nothing and no bf16 copy of a block outlives its unit; gradients are
+    reduced in fp32. The weights autocast would not cast (norms, and any other module's own parameters) get
+    fp32 units of their own: a block then computes exactly what model.inference_copy computes, the same bits
+    under autocast as without FSDP. Such a module's own matmuls (Qwen3.5's gated delta net reads its conv
+    weight directly) stay in its fp32 unit, cast by autocast. The root stays fp32 (embeddings, LM head)."""
+    mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks(net):
-        fully_shard(block, reshard_after_forward=True)
+        if param_dtype is not None:
+            for module in full_precision_parts(block):
+                fully_shard(module, reshard_after_forward=True)
+        fully_shard(block, reshard_after_forward=True, mp_policy=mixed)     # param_dtype None: plain fp32
     fully_shard(net, reshard_after_forward=True)
     net.score_tokens = types.MethodType(M.score_tokens, net)
     register_fsdp_forward_method(net, "score_tokens")
     return net
+
+
+def full_precision_parts(block):
+    """The modules inside a block that own weights autocast leaves in fp32 (norms; a gated delta net's
+    decay and bias), innermost first, so that each becomes its own unit before the one around it."""
+    return [m for m in reversed(list(block.modules())) if m is not block and not is_matmul(m)
+            and any(True for _ in m.parameters(recurse=False))]
+
+
+def is_matmul(module):
+    """Linear and convolution layers: those whose weights autocast casts (and model.inference_copy holds cast)."""
+    return isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
 
 
 def placeholder_image():

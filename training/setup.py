@@ -80,9 +80,12 @@ def compute_dtype(args, device):
 
 def load_model(args, name, device):
     """The model in fp32 (master weights), FSDP-sharded with --fsdp; with --lora_rank a frozen base with fp32
-    adapters, with --freeze_vision a frozen vision tower (training/lora.py). A user's mistake gives one line."""
+    adapters, with --freeze_vision a frozen vision tower (training/lora.py). A user's mistake gives one line.
+    Under --fsdp the model is read into CPU memory and sharded there; each unit's shard then moves to the
+    GPU (FSDP moves one whole unit at a time), so no GPU ever holds the whole fp32 model."""
     try:
-        net, tokenizer, image_processor = M.load(name, device=device, dtype=torch.float32, build=tiny.builder(name))
+        net, tokenizer, image_processor = M.load(name, device="cpu" if args.fsdp else device, dtype=torch.float32,
+                                                 build=tiny.builder(name))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load model {name!r}: {str(e).splitlines()[0]}")
     if args.freeze_vision:
@@ -92,7 +95,10 @@ def load_model(args, name, device):
     if args.gradient_checkpointing:   # transformers >= 5.24 names it activation checkpointing
         enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-    return (parallel.shard(net) if args.fsdp else net), tokenizer, image_processor
+    if args.fsdp:   # bf16 runs gather their blocks' matmul weights in bf16 (FSDP's mixed precision)
+        bf16 = compute_dtype(args, device) == torch.bfloat16
+        net = parallel.shard(net, torch.bfloat16 if bf16 else None)
+    return net, tokenizer, image_processor
 
 
 def check_inputs(args):
