@@ -81,6 +81,8 @@ def parse_args(argv=None):
     g.add_argument("--dynamic_sampling", action="store_true", help="refill groups all right or all wrong with fresh prompts (DAPO)")
     g.add_argument("--max_extra_batches", type=int, default=3, help="dynamic sampling's bound on extra prompts, in steps' worth")
     g.add_argument("--step_credit", type=float, default=0.0, help="weight of per-step credit on matched key steps' tokens; 0 = off")
+    g.add_argument("--tis_cap", type=float, default=0.0,
+                   help="truncated importance sampling: weight tokens by min(π_θ/π_sampler, cap); 0 = off")
     g = p.add_argument_group("SFT warm-up, data, evaluation, logging")
     g.add_argument("--sft_steps", type=int, default=1000, help="warm-up steps")
     g.add_argument("--sft_batch", type=int, default=8, help="warm-up samples per rank per step")
