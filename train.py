@@ -312,6 +312,8 @@ def update(run, batch, optimizer, scheduler):
                     old[j] = logp.detach()
                 if weight and epoch == 0:
                     stats.append(dict(st, **sampling_mismatch(logp.detach(), sampled, mask), loss=loss.item(), rows=len(rows)))
+                elif weight:                          # the clip acts from the second epoch: its shares from the last
+                    stats[j].update({k: st[k] for k in ("clip_frac", "clip_low_frac", "clip_high_frac")})
             loss_value = sum(s["loss"] for s in stats)
             norm = optimizer_step(run, optimizer, scheduler, loss_value)   # every rank steps, even with no rows
     return dict(loss=loss_value, grad_norm=norm, micro=stats)
