@@ -248,9 +248,8 @@ class Batch:
 
 
 def collect(run, step):
-    """Rollouts for this rank's prompts of `step` (each seeded by its position in the data stream), their
-    rewards (StepRAR + StepRVR, Eqs. 2-3) and group advantages (Eq. 4), with the options of --dynamic_sampling,
-    --adv_scale and --step_credit."""
+    """Rollouts for this rank's prompts of `step` (each seeded by its position in the data stream), their rewards
+    (StepRAR + StepRVR, Eqs. 2-3) and group advantages (Eq. 4); options: --dynamic_sampling, --adv_scale, --step_credit."""
     a, timer, group_size = run.args, logs.Timer(), run.args.num_generations
     first = sample_groups(run, *data.batch_at(run.train_set, step, a.prompts_per_step * a.grad_accum, run.rank, run.world,
                                               a.seed), timer)
