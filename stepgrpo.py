@@ -18,8 +18,20 @@ Choices and simplifications vs. the paper and the official code (TRL 0.14-era GR
    `tis_cap` (off by default, as in the paper) weights each token's policy gradient by the
    truncated importance ratio min(π_θ/π_s, C) (Yao et al., 2025, "Your efficient RL framework
    secretly brings you off-policy RL training").
+5. Options, each off by default (the paper's behaviour): the advantage scalings `centred_advantages`
+   (Dr. GRPO) and `per_reward_advantages` (GDPO) beside Eq. 4; clip-higher (`clip_eps_high`, DAPO);
+   per-token advantages from `step_credit` (this project's extension, not in the paper).
 """
 import torch
+
+
+def _groups(rewards, group_size):
+    """rewards [B·M] -> ([B, M] view, [B] bool: the group's rewards are all identical)."""
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} cannot be split into groups "
+                         f"of {group_size}: expected a 1-D tensor of length B*group_size")
+    g = rewards.view(-1, group_size)
+    return g, (g == g[:, :1]).all(dim=1)
 
 
 def group_advantages(rewards, group_size):
@@ -30,16 +42,58 @@ def group_advantages(rewards, group_size):
     Such groups get exactly 0. With group_size 1 the std is undefined: every advantage is 0
     and every group counts as identical.
     """
-    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} cannot be split into groups "
-                         f"of {group_size}: expected a 1-D tensor of length B*group_size")
-    g = rewards.view(-1, group_size)
-    same = (g == g[:, :1]).all(dim=1)
+    g, same = _groups(rewards, group_size)
     if group_size == 1:
         return torch.zeros_like(rewards), 1.0
     adv = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + 1e-4)
     adv = torch.where(same.unsqueeze(1), torch.zeros_like(adv), adv)  # exact 0, no rounding
     return adv.reshape(-1), same.float().mean().item()
+
+
+def centred_advantages(rewards, group_size):
+    """Dr. GRPO (Liu et al., 2025, arXiv 2503.20783, "Understanding R1-Zero-like training"): Â_i = r_i − mean_g,
+    no division by the group's std, so a group whose rewards differ by hundredths (α·k of Eq. 2 in an
+    all-wrong group) gets advantages of hundredths, not ±1. Returns as group_advantages."""
+    g, same = _groups(rewards, group_size)
+    adv = torch.where(same.unsqueeze(1), torch.zeros_like(g), g - g.mean(dim=1, keepdim=True))
+    return adv.reshape(-1), same.float().mean().item()
+
+
+def per_reward_advantages(parts, group_size):
+    """GDPO (Liu et al., 2026, arXiv 2601.05242, group reward-decoupled normalization; without its batch-wide
+    renormalisation of the sum):
+    Â_i = Σ_p (r_i^p − mean_g r^p) / (std_g r^p + 1e-4), each reward part (here StepRAR and StepRVR,
+    the columns of `parts` [B·M, P]) z-scored within its group by Eq. 4, then summed; a part that
+    is constant in a group adds 0. Returns (advantages, share of groups where every part is constant)."""
+    adv = sum(group_advantages(parts[:, p].contiguous(), group_size)[0] for p in range(parts.shape[1]))
+    same = torch.stack([_groups(parts[:, p].contiguous(), group_size)[1] for p in range(parts.shape[1])]).all(0)
+    return adv, same.float().mean().item()
+
+
+def scaled_advantages(rewards, group_size, scale="group_std", parts=None):
+    """Advantages and zero-spread share by `scale` (train.py --adv_scale): "group_std" (Eq. 4, the paper),
+    "none" (centred_advantages) or "per_reward" (per_reward_advantages of the reward `parts` [B·M, P])."""
+    if scale == "per_reward":
+        return per_reward_advantages(parts, group_size)
+    return (group_advantages if scale == "group_std" else centred_advantages)(rewards, group_size)
+
+
+def step_credit(advantages, matched, token_step, group_size, weight):
+    """Per-step credit (this project's extension; the paper gives one advantage per completion):
+
+        Â_{i,t} = Â_i + w · (m_{i,s} − mean_g m_{·,s})   for a token t inside the span where key step s matched,
+        Â_{i,t} = Â_i                                     elsewhere,
+
+    with m_{i,s} ∈ {0, 1} whether completion i matched key step s (StepRAR's match, Eq. 2). A matched step's
+    tokens gain w·(1 − share of its group that matched it): a step every completion found adds nothing,
+    a step only one found adds most, even when that completion's answer is wrong. (Unmatched steps have no
+    tokens to carry their negative centred credit.) matched [B·M, S] (0/1, S padded with 0 columns);
+    token_step [B·M, T] long: the key step whose span holds token t, −1 for none. Returns [B·M, T]."""
+    m = matched.to(advantages.dtype).view(-1, group_size, matched.shape[1])
+    credit = (m - m.mean(dim=1, keepdim=True)).reshape(matched.shape)
+    on = token_step >= 0
+    extra = torch.where(on, credit.gather(1, token_step.clamp(min=0)), torch.zeros((), dtype=credit.dtype))
+    return advantages.unsqueeze(1) + weight * extra
 
 
 def kl_k3(logp, ref_logp):
@@ -52,11 +106,13 @@ def kl_k3(logp, ref_logp):
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=0.2,
-                norm="seq", denom=None, sampler_logp=None, tis_cap=0.0):
+                norm="seq", denom=None, sampler_logp=None, tis_cap=0.0, clip_eps_high=None):
     """Eq. 5: −mean[min(ρ_t Â, clip(ρ_t, 1−ε, 1+ε) Â) − β KL_t] over completion tokens.
 
     logp, old_logp, ref_logp, mask: [N, T]; mask (float or bool) is 1 for completion tokens up
-    to and including the first EOS; advantages: [N]. `old_logp=None` means on-policy (ρ ≡ 1).
+    to and including the first EOS; advantages: [N], or per token [N, ≥T] (step_credit).
+    `old_logp=None` means on-policy (ρ ≡ 1). `clip_eps_high` (clip-higher, DAPO: Yu et al., 2025, arXiv 2503.14476)
+    makes the range [1−ε, 1+ε_high]; None: ε_high = ε.
     `ref_logp` may be None when beta == 0. norm: "seq" or "token" (module docstring, item 2).
 
     `denom`: the count to divide the summed objective by — completions with ≥ 1 token for
@@ -68,8 +124,9 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=
     min(exp(logp − sampler_logp), tis_cap), detached (module docstring, item 4).
 
     Returns (loss, stats) with stats python floats: kl (mean per-token KL), clip_frac (share of
-    tokens whose clipped branch is active, i.e. gets no gradient), ratio_min, ratio_max,
-    adv_mean, n_tokens.
+    tokens whose clipped branch is active, i.e. gets no gradient), of which clip_low_frac (ρ < 1−ε,
+    Â < 0) and clip_high_frac (ρ > 1+ε_high, Â > 0), entropy (mean −log π_θ(o_t) over the sampled
+    tokens: an unbiased estimate of the per-token entropy), ratio_min, ratio_max, adv_mean, n_tokens.
     """
     if norm not in ("seq", "token"):
         raise ValueError(f"unknown norm {norm!r}: use 'seq' (per completion) or 'token'")
@@ -77,10 +134,12 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=
         raise ValueError("ref_logp is None but beta != 0: pass reference log-probs or beta=0")
     mask = mask.to(logp.dtype)
     old_logp = logp.detach() if old_logp is None else old_logp
-    adv = advantages.to(logp.dtype).unsqueeze(1)
+    adv = advantages.to(logp.dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv[:, :logp.shape[1]]
+    high = clip_eps if clip_eps_high is None else clip_eps_high
 
     ratio = torch.exp(logp - old_logp)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
     objective = torch.min(ratio * adv, clipped * adv)
     if tis_cap:
         objective = objective * torch.exp(logp.detach() - sampler_logp).clamp(max=tis_cap)
@@ -98,10 +157,11 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04, clip_eps=
     with torch.no_grad():
         on = mask.bool()
         n = max(int(on.sum()), 1)
-        is_clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+        low, up = (ratio < 1 - clip_eps) & (adv < 0) & on, (ratio > 1 + high) & (adv > 0) & on
         r = ratio[on] if on.any() else torch.ones(1)
         stats = {"kl": (kl * mask).sum().item() / n,
-                 "clip_frac": (is_clipped & on).sum().item() / n,
+                 "clip_frac": (low | up).sum().item() / n, "clip_low_frac": low.sum().item() / n,
+                 "clip_high_frac": up.sum().item() / n, "entropy": -(logp.detach() * mask).sum().item() / n,
                  "ratio_min": r.min().item(), "ratio_max": r.max().item(),
                  "adv_mean": advantages.float().mean().item(), "n_tokens": float(on.sum())}
     return loss, stats

@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 import model as M, rewards
-from stepgrpo import group_advantages, policy_loss, sampling_mismatch
+from stepgrpo import policy_loss, sampling_mismatch, scaled_advantages
 from grading import official_rewards
 from qwen.tiny import TINY_MODELS
 from benchmarks import harness
 from toy import task as toy
-from training import checkpoint, data, flags, heldout, logs, lora, parallel
+from training import checkpoint, credit, data, dynamic, flags, heldout, logs, lora, parallel
 from training.setup import all_skips, compute_dtype, generate, load_model, lora_reference, open_images, placeholder_rollout, setup
 
 
@@ -75,6 +75,12 @@ def parse_args(argv=None):
     g.add_argument("--loss_norm", default="seq", choices=["seq", "token"], help="mean per completion, or per token")
     g.add_argument("--ppo_epochs", type=int, default=1, help="updates per rollout (>1 makes the clip act)")
     g.add_argument("--clip_eps", type=float, default=0.2, help="PPO clip range, with --ppo_epochs > 1")
+    g.add_argument("--clip_eps_high", type=float, default=None, help="upper clip range (clip-higher, DAPO); default: --clip_eps")
+    g.add_argument("--adv_scale", default="group_std", choices=["group_std", "none", "per_reward"],
+                   help="Eq. 4; mean-centred only (Dr. GRPO); StepRAR and StepRVR z-scored apart, then summed (GDPO)")
+    g.add_argument("--dynamic_sampling", action="store_true", help="refill groups all right or all wrong with fresh prompts (DAPO)")
+    g.add_argument("--max_extra_batches", type=int, default=3, help="dynamic sampling's bound on extra prompts, in steps' worth")
+    g.add_argument("--step_credit", type=float, default=0.0, help="weight of per-step credit on matched key steps' tokens; 0 = off")
     g.add_argument("--tis_cap", type=float, default=0.0,
                    help="truncated importance sampling: weight tokens by min(π_θ/π_sampler, cap); 0 = off")
     g = p.add_argument_group("SFT warm-up, data, evaluation, logging")
@@ -235,35 +241,52 @@ class Batch:
     rollout: object                   # rollout.Rollout: the completions (None: every prompt skipped)
     samples: list                     # the sample each row answers
     rewards: list                     # per row: {"total", "step_rar", "step_rvr", "correct", "k", ...}
-    advantages: torch.Tensor          # per row, Eq. 4
+    advantages: torch.Tensor          # per row, Eq. 4 (or --adv_scale's)
     frac_zero_std: float              # share of groups whose rewards are all equal (no policy gradient)
     seconds: logs.Timer
+    token_advantages: object = None   # [rows, T] with --step_credit (stepgrpo.step_credit), else None
+    dynamic: object = None            # --dynamic_sampling's counts of the step (training/dynamic.py)
 
 
 def collect(run, step):
-    """Rollouts for this rank's prompts of `step` (each seeded by its position in the data stream), their
-    rewards (StepRAR + StepRVR, Eqs. 2-3) and group advantages (Eq. 4)."""
+    """Rollouts for this rank's prompts of `step` (each seeded by its position in the data stream), their rewards
+    (StepRAR + StepRVR, Eqs. 2-3) and group advantages (Eq. 4); options: --dynamic_sampling, --adv_scale, --step_credit."""
     a, timer, group_size = run.args, logs.Timer(), run.args.num_generations
-    samples, positions = data.batch_at(run.train_set, step, a.prompts_per_step * a.grad_accum, run.rank, run.world, a.seed)
+    first = sample_groups(run, *data.batch_at(run.train_set, step, a.prompts_per_step * a.grad_accum, run.rank, run.world,
+                                              a.seed), timer)
+    ro, answered, rs, counts = (dynamic.fill(run, step, first, lambda s, p: sample_groups(run, s, p, timer))
+                                if a.dynamic_sampling else (*first, None))   # refill groups all right or all wrong
+    if ro is None:
+        return Batch(None, [], [], torch.zeros(0), 0.0, timer, dynamic=counts)
+    with timer("reward"):
+        advantages, frac_zero = scaled_advantages(torch.tensor([r["total"] for r in rs]), group_size, a.adv_scale,
+                                                  torch.tensor([[r["step_rar"], r["step_rvr"]] for r in rs]))
+        per_token = credit.token_advantages(run, ro, rs, advantages) if a.step_credit else None
+    return Batch(ro, answered, rs, advantages.to(run.device), frac_zero, timer, per_token, counts)
+
+
+def sample_groups(run, samples, positions, timer):
+    """(rollout, the sample each row answers, its rewards): M completions of each prompt, seeded by its stream
+    position; (None, [], []) when every prompt was skipped."""
+    a = run.args
     samples, images, index = open_images(run, samples)
     with timer("generate"):
-        ro = generate(run, samples, images, num_samples=group_size, temperature=a.temperature, ignore_eos=run.fixed_length,
-                      seeds=[a.seed * 1_000_003 + positions[i] for i in index])
+        ro = generate(run, samples, images, num_samples=a.num_generations, temperature=a.temperature,
+                      ignore_eos=run.fixed_length, seeds=[a.seed * 1_000_003 + positions[i] for i in index])
     run.skipped["long_prompt"] += len(samples) - (len(ro.kept) if ro else 0)
     if ro is None:
-        return Batch(None, [], [], torch.zeros(0), 0.0, timer)
+        return None, [], []
     with timer("reward"):
         answered = [samples[ro.kept[g]] for g in ro.group.tolist()]
         judge = official_rewards.reward if a.reward_impl == "official" else rewards.reward
-        rs = [judge(text, s, kind=a.reward, alpha=a.alpha) for text, s in zip(ro.texts, answered)]
-        advantages, frac_zero = group_advantages(torch.tensor([r["total"] for r in rs]), group_size)
-    return Batch(ro, answered, rs, advantages.to(run.device), frac_zero, timer)
+        return ro, answered, [judge(text, s, kind=a.reward, alpha=a.alpha) for text, s in zip(ro.texts, answered)]
 
 
 def update(run, batch, optimizer, scheduler):
     """Reference log-probs, the loss of Eq. 5 over micro-batches of rows, one optimizer step. The loss is divided
     by the global count of completions (or tokens), so micro-batches and ranks add up to the global mean."""
-    a, ro, adv, timer = run.args, batch.rollout, batch.advantages, batch.seconds
+    a, ro, timer = run.args, batch.rollout, batch.seconds
+    adv = batch.advantages if batch.token_advantages is None else batch.token_advantages
     jobs = micro_batches(run, batch)
     if jobs and ro is None:                   # FSDP, every prompt of this rank skipped: weight-0 rows in lockstep
         ro, adv = placeholder_rollout(run), torch.zeros(1, device=run.device)
@@ -282,12 +305,15 @@ def update(run, batch, optimizer, scheduler):
                     logp = M.completion_logprobs(run.policy, prompt, ids, a.temperature, ro.suppress_ids)
                 loss, st = policy_loss(logp, old[j], ref[j], adv[rows], mask, a.beta, a.clip_eps,
                                        a.loss_norm, denom=count.clamp(min=1) / run.world,
-                                       sampler_logp=sampled if a.tis_cap else None, tis_cap=a.tis_cap)
+                                       sampler_logp=sampled if a.tis_cap else None, tis_cap=a.tis_cap,
+                                       clip_eps_high=a.clip_eps_high)
                 (loss * weight).backward()
                 if epoch == 0 and a.ppo_epochs > 1:   # π_old for the later epochs
                     old[j] = logp.detach()
                 if weight and epoch == 0:
                     stats.append(dict(st, **sampling_mismatch(logp.detach(), sampled, mask), loss=loss.item(), rows=len(rows)))
+                elif weight:                          # the clip acts from the second epoch: its shares from the last
+                    stats[j].update({k: st[k] for k in ("clip_frac", "clip_low_frac", "clip_high_frac")})
             loss_value = sum(s["loss"] for s in stats)
             norm = optimizer_step(run, optimizer, scheduler, loss_value)   # every rank steps, even with no rows
     return dict(loss=loss_value, grad_norm=norm, micro=stats)

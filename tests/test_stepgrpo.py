@@ -216,3 +216,69 @@ def test_k3_keeps_small_log_ratios_in_fp32():
     kl = kl_k3(torch.zeros(len(d)), d).double()
     np.testing.assert_allclose(kl.numpy(), exact.numpy(), rtol=3e-2)   # exp(d) - d - 1: off by up to 3000x
     assert abs(kl.mean().item() / exact.mean().item() - 1) < 1e-3
+
+
+# ---------------------------------------------------------------------------- options (each off by default)
+# One group of 4: two wrong answers with k = 1 (StepRAR 0.1), two right ones (1.1); StepRVR 1, 0, 1, 0; a second
+# group whose rewards are all equal.
+RAR, RVR = [0.1, 0.1, 1.1, 1.1, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+TOTAL = [a + b for a, b in zip(RAR, RVR)]   # 1.1, 0.1, 2.1, 1.1 | 1, 1, 1, 1
+
+
+def test_each_advantage_scaling_against_a_hand_computed_group():
+    from stepgrpo import centred_advantages, per_reward_advantages, scaled_advantages
+    total, parts = torch.tensor(TOTAL, dtype=torch.float64), torch.tensor([RAR, RVR], dtype=torch.float64).T
+    s = math.sqrt(2 / 3) + 1e-4                       # the first group's deviations are 0, −1, 1, 0
+    eq4, frac = scaled_advantages(total, 4, "group_std", parts)
+    assert eq4.tolist() == pytest.approx([0, -1 / s, 1 / s, 0, 0, 0, 0, 0], abs=1e-12) and frac == 0.5
+    assert torch.equal(eq4, group_advantages(total, 4)[0])
+    none, frac = scaled_advantages(total, 4, "none", parts)
+    assert none.tolist() == pytest.approx([0, -1, 1, 0, 0, 0, 0, 0], abs=1e-12) and frac == 0.5
+    assert torch.equal(none, centred_advantages(total, 4)[0])
+    # GDPO: StepRAR deviations ∓0.5 and StepRVR ±0.5, each std √(1/3): the sum is 0, −2·0.5/s', 2·0.5/s', 0
+    s1 = math.sqrt(1 / 3) + 1e-4
+    gdpo, frac = scaled_advantages(total, 4, "per_reward", parts)
+    assert gdpo.tolist() == pytest.approx([0, -1 / s1, 1 / s1, 0, 0, 0, 0, 0], abs=1e-12) and frac == 0.5
+    assert torch.equal(gdpo, per_reward_advantages(parts, 4)[0])
+    # equal totals from opposite parts: no spread for Eq. 4, spread in each part for GDPO (they cancel here)
+    _, frac = per_reward_advantages(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 2)
+    assert frac == 0.0 and group_advantages(torch.tensor([1.0, 1.0]), 2)[1] == 1.0
+
+
+def test_step_credit_adds_the_group_centred_match_to_the_tokens_of_each_matched_step():
+    from stepgrpo import step_credit
+    adv = torch.tensor([0.5, -0.5, -1.0, 1.0], dtype=torch.float64)
+    matched = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 0]])         # step 0 by 3 of 4, step 1 by 1 of 4
+    token_step = torch.tensor([[-1, 0, 0, -1, 1, -1], [0, -1, -1, -1, -1, -1], [-1] * 6, [-1, -1, -1, 0, 0, -1]])
+    got = step_credit(adv, matched, token_step, 4, weight=2.0)
+    want = [[0.5, 0.5 + 2 * 0.25, 0.5 + 2 * 0.25, 0.5, 0.5 + 2 * 0.75, 0.5],
+            [-0.5 + 2 * 0.25] + [-0.5] * 5, [-1.0] * 6, [1.0, 1.0, 1.0, 1.0 + 2 * 0.25, 1.0 + 2 * 0.25, 1.0]]
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(step_credit(adv, matched, token_step, 4, 0.0), adv[:, None].expand(4, 6))
+
+
+def test_per_token_advantages_enter_the_loss_token_by_token():
+    logp, ref, adv, mask = make_batch(seed=5)
+    per_token = adv[:, None] * torch.linspace(0.5, 1.5, logp.shape[1], dtype=torch.float64)
+    loss, _ = policy_loss(logp, None, ref, per_token, mask, beta=0.04, norm="token")
+    by_hand = -((per_token - 0.04 * kl_k3(logp, ref)) * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-12)
+    flat, _ = policy_loss(logp, None, ref, adv, mask, beta=0.04, norm="token")
+    same, _ = policy_loss(logp, None, ref, adv[:, None].expand_as(logp).contiguous(), mask, beta=0.04, norm="token")
+    assert same.item() == flat.item()
+
+
+def test_clip_higher_widens_only_the_upper_range_and_counts_each_side():
+    logp = torch.log(torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.float64))
+    old = torch.log(torch.tensor([[0.5, 0.8, 1 / 1.25, 1.5]], dtype=torch.float64))   # ratios 2, 1.25, 1.25, 2/3
+    for adv, low, high in ((1.0, 0, 0.25), (-1.0, 0.25, 0)):
+        a = torch.tensor([adv], dtype=torch.float64)
+        _, sym = policy_loss(logp, old, None, a, torch.ones(1, 4), beta=0.0, clip_eps=0.2)
+        loss, asym = policy_loss(logp, old, None, a, torch.ones(1, 4), beta=0.0, clip_eps=0.2, clip_eps_high=0.28)
+        assert (asym["clip_low_frac"], asym["clip_high_frac"]) == (low, high)           # 1.25 is inside 1 + 0.28
+        assert sym["clip_high_frac"] == (0.75 if adv > 0 else 0) and sym["clip_low_frac"] == low
+        ratio = torch.tensor([2.0, 1.25, 1.25, 2 / 3], dtype=torch.float64)
+        want = torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv).mean()
+        assert loss.item() == pytest.approx(-want.item(), rel=1e-12)
+    _, st = policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 4), beta=0.0)
+    assert st["entropy"] == pytest.approx(0.0, abs=1e-12)        # −log π of tokens of probability 1

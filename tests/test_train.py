@@ -630,3 +630,22 @@ def test_records_with_several_images_train_both_stages_and_show_in_the_viewer(tm
     assert rollout["image"] == [str(tmp_path / "left.png"), str(tmp_path / "right.png")]
     page = viewer.run_page(out)
     assert f'title="{tmp_path / "left.png"}"' in page and f'title="{tmp_path / "right.png"}"' in page
+
+
+def test_the_options_beside_the_paper_train_log_and_resume_exactly(warm, tmp_path):
+    """Dynamic sampling (its extra prompts drawn by step), per-reward advantages, per-step credit and clip-higher
+    together: a resumed run equals an uninterrupted one, and the step logs what dynamic sampling did."""
+    flags = ["--model", str(warm / "final"), *RL, "--max_steps", "2", "--save_every", "1", "--dynamic_sampling",
+             "--max_extra_batches", "2", "--adv_scale", "per_reward", "--step_credit", "0.5", "--ppo_epochs", "2",
+             "--clip_eps_high", "0.28", "--temperature", "1.2"]
+    train(tmp_path / "full", *flags)
+    train(tmp_path / "split", *flags, "--stop_after", "1")
+    train(tmp_path / "split", *flags, "--resume")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "tokens_per_s")}
+    full = metrics(tmp_path / "full")
+    assert [drop(r) for r in full] == [drop(r) for r in metrics(tmp_path / "split")]
+    assert sum(r["ds_prompts_drawn"] for r in full) > 0 and sum(r["ds_groups_dropped"] for r in full) > 0
+    assert all(r["frac_reward_zero_std"] < 1 and r["entropy"] > 0 for r in full)
+    assert any(r["clip_low_frac"] + r["clip_high_frac"] > 0 for r in full)

@@ -43,6 +43,20 @@ def check(p, a):
         p.error(f"--tis_cap must be 0 (off) or at least 1: a cap below 1 scales down on-policy tokens too (got {a.tis_cap})")
     if not 0 <= a.teacher_noise <= 1:
         p.error(f"--teacher_noise is a share of the warm-up paths: it must be in [0, 1] (got {a.teacher_noise})")
+    if a.clip_eps_high is not None and not a.clip_eps_high > 0:
+        p.error(f"--clip_eps_high must be above 0 (got {a.clip_eps_high})")
+    if a.clip_eps_high is not None and a.ppo_epochs == 1:
+        p.error("--clip_eps_high acts only when the ratio moves: with --ppo_epochs 1 it is always 1; give --ppo_epochs > 1")
+    if a.adv_scale == "per_reward" and a.reward != "step":
+        p.error(f"--adv_scale per_reward z-scores StepRAR and StepRVR apart: it needs --reward step (got {a.reward})")
+    if not a.step_credit >= 0 or a.max_extra_batches < 1:
+        p.error(f"--step_credit must be 0 or more and --max_extra_batches at least 1 "
+                f"(got {a.step_credit}, {a.max_extra_batches})")
+    if a.max_extra_batches != p.get_default("max_extra_batches") and not a.dynamic_sampling:
+        p.error("--max_extra_batches bounds --dynamic_sampling's extra prompts: add --dynamic_sampling or drop it")
+    rl_only = [f"--{k}" for k in ("adv_scale", "dynamic_sampling", "step_credit", "clip_eps_high") if getattr(a, k) != p.get_default(k)]
+    if not rl and rl_only:
+        p.error(f"{', '.join(rl_only)} change the RL stage; --stage sft has none: drop them or use --stage both")
     if a.resume and a.overwrite:
         p.error("--resume continues the checkpoint that --overwrite would replace: pass one of them")
     if not rl and (a.reward, a.reward_impl) != (p.get_default("reward"), p.get_default("reward_impl")):

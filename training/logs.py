@@ -110,16 +110,32 @@ def rl_record(run, step, batch, result, seconds):
                       key_step_match=[r["k"] for r in rs], completion_len=lens,
                       truncated=[float(x) for x in ro.truncated] if ro else [],
                       frac_reward_zero_std=[batch.frac_zero_std] if ro else [],
-                      kl=by_rows("kl"), clip_frac=by_rows("clip_frac"), logp_diff_mean=by_rows("logp_diff_mean"))
+                      kl=by_rows("kl"), clip_frac=by_rows("clip_frac"), logp_diff_mean=by_rows("logp_diff_mean"),
+                      **{k: by_rows(k) for k in ("clip_low_frac", "clip_high_frac", "entropy")})
     extremes = dict(logp_diff_max=by_rows("logp_diff_max"), sampler_ratio_max=by_rows("sampler_ratio_max"))
     lowest = dict(sampler_ratio_min=by_rows("sampler_ratio_min"))
     return dict(stage="rl", step=step + 1, **parallel.global_means(per_sample, run.device, run.ddp),
                 **parallel.global_max(extremes, run.device, run.ddp),
                 **{k: -v for k, v in parallel.global_max({k: [-x for x in v] for k, v in lowest.items()},
                                                          run.device, run.ddp).items()},
+                **dynamic_counts(run, step, batch),
                 loss=result["loss"], grad_norm=result["grad_norm"], seconds=seconds,
                 tokens_per_s=sum(lens) * run.world / max(batch.seconds.get("generate", 0), 1e-9),
                 **{f"time_{k}": v for k, v in batch.seconds.items()})
+
+
+def dynamic_counts(run, step, batch):
+    """--dynamic_sampling's counts of the step summed over ranks (training/dynamic.py), with one line when a rank
+    could not fill its groups with mixed answers; {} without it."""
+    if not run.args.dynamic_sampling:
+        return {}
+    names = ("groups_dropped", "prompts_drawn", "groups_unfilled")
+    counts = dict(zip(names, parallel.all_reduce([batch.dynamic[k] for k in names], run.device, run.ddp).tolist()))
+    if counts["groups_unfilled"]:
+        run.log.print(f"step {step + 1}: dynamic sampling drew {counts['prompts_drawn']:.0f} extra prompts (--max_extra_batches "
+                      f"{run.args.max_extra_batches}) and still trains {counts['groups_unfilled']:.0f} groups whose answers "
+                      "are all right or all wrong")
+    return {f"ds_{k}": int(v) for k, v in counts.items()}
 
 
 def finite(record):
