@@ -78,7 +78,8 @@ def add_adapters(net, args, dtype):
     for name, q in net.named_parameters():
         if ".lora_" in name:
             q.data = q.data.float()
-    net.lora_base = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model   # what save() names
+    name = getattr(args, "model", None)
+    net.lora_base = os.path.abspath(name) if name and os.path.isdir(name) else name   # the base save() names
     return net
 
 

@@ -85,7 +85,8 @@ def account(architecture, lora_rank=0, freeze_vision=False, fsdp=False, world=1)
                gradients=sum(shard_bytes(q, n) for q in trained),
                optimizer=2 * sum(shard_bytes(q, n) for q in trained),
                reference=0 if lora_rank else reference_bytes(architecture, fsdp, n),
-               sampling_copy=sum(q.numel() * q.element_size() for q in M.inference_copy(net, torch.bfloat16).parameters()),
+               sampling_copy=0 if lora_rank else sum(q.numel() * q.element_size()   # LoRA samples from the policy
+                                                     for q in M.inference_copy(net, torch.bfloat16).parameters()),
                kv_cache=kv_cache_bytes(net))
     if fsdp:
         blocks = parallel.blocks(net)
