@@ -37,7 +37,7 @@ PRESETS = {"tiny models": PRESET, "any other model": PRETRAINED}
 # temperature. The tiny model's LM head (tied to its random embeddings) and final norm stay frozen under LoRA, which
 # caps every token's probability at about 7 % at T = 1 (full fine-tuning trains them): at T = 1 its samples are
 # noise, whatever the adapters learn.
-LORA_PRESET = dict(sft_lr=2e-3, lr=5e-4, temperature=0.25)
+LORA_PRESET = dict(sft_lr=2e-3, lr=5e-5, temperature=0.25)
 
 
 # ---------------------------------------------------------------------------- the task
