@@ -334,7 +334,8 @@ def inference_copy(policy, dtype=torch.bfloat16):
     would cast (those of Linear and Conv layers, LM head excepted) and keeps embeddings, norms and
     the LM head in fp32, so under the same autocast it computes what the fp32 policy computes: the
     same bf16 matmuls, an fp32 residual stream and an fp32 LM head. Run it under that autocast.
-    Keep it current with `refresh_inference_copy` after every optimizer step.
+    Keep it current with `refresh_inference_copy` after every optimizer step. A LoRA policy has none: its
+    frozen base is held in this layout already and it samples through its own adapted layers (training/lora.py).
     """
     with torch.device("meta"):
         copy = AutoModelForImageTextToText.from_config(policy.config)
@@ -356,15 +357,11 @@ def refresh_inference_copy(copy, policy):
     """Copy the policy's current weights into `copy`, each cast to the copy's dtype for it: one
     device-side copy per tensor. FSDP2 shards (DTensors) are gathered first, a collective, so under
     FSDP every rank calls this at the same point."""
-    target = dict(copy.named_parameters())
-    source = {n.replace(".base_layer.", "."): p for n, p in policy.named_parameters() if ".lora_" not in n}
-    if target.keys() != source.keys():
+    target, source = dict(copy.named_parameters()), dict(policy.named_parameters())
+    if target.keys() != source.keys():     # a LoRA policy samples through its own layers (training/lora.py)
         raise ValueError(f"inference copy and policy differ in parameters: {sorted(target.keys() ^ source.keys())[:5]}")
     for name, p in source.items():
         target[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
-    for name, layer in policy.named_modules():   # LoRA layers (peft): merged, W + (alpha/r)·B·A (training/lora.py)
-        if hasattr(layer, "get_delta_weight") and not layer.disable_adapters:
-            target[name + ".weight"].add_(sum(layer.get_delta_weight(a) for a in layer.active_adapters))
 
 
 def special_ids(tokenizer):

@@ -35,10 +35,14 @@ from training.setup import all_skips, compute_dtype, generate, load_model, lora_
 # ----------------------------------------------------------------------------- config
 def parse_args(argv=None):
     """Every flag's default is the paper's (its implementation details and official code); `--data toy` applies
-    toy.PRESETS (one for the tiny models, one for any other) to the flags not given. `--help` shows both."""
-    presets = "; ".join(f"{kind}: " + " ".join(f"--{k} {v}" for k, v in preset.items()) for kind, preset in toy.PRESETS.items())
+    toy.PRESETS (one for the tiny models, one for any other) to the flags not given, and `--lora_rank` LoRA's
+    learning rates (lora.RATES; toy.LORA_PRESET for the tiny models on the toy task). `--help` shows them."""
+    show = lambda preset: " ".join(f"--{k} {v}" for k, v in preset.items())   # noqa: E731
+    presets = "; ".join(f"{kind}: {show(preset)}" for kind, preset in toy.PRESETS.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults,
-                                epilog=f"--data toy (the default) sets, unless given: {presets}")
+                                epilog=f"--data toy (the default) sets, unless given: {presets}. --lora_rank sets, "
+                                f"unless given: {show(lora.RATES)}, and a warm-up lr {lora.SFT_LR_FACTOR:g}x the paper's; "
+                                f"with --data toy on a tiny model instead: {show(toy.LORA_PRESET)}")
     g = p.add_argument_group("run")
     g.add_argument("--model", default="tiny", help="hub id, local directory (start it with ./ or /), or a tiny model: "
                    "'tiny' (Qwen2-VL), 'tiny-qwen2.5-vl', 'tiny-qwen3-vl', 'tiny-qwen3.5'")
@@ -106,6 +110,8 @@ def parse_args(argv=None):
     known, _ = p.parse_known_args(argv)
     if known.data == "toy":
         p.set_defaults(**(toy.PRESET if known.model in TINY_MODELS else toy.PRETRAINED))
+    if known.lora_rank:                             # LoRA's learning rates (training/lora.py, toy/task.py)
+        p.set_defaults(**(toy.LORA_PRESET if known.data == "toy" and known.model in TINY_MODELS else lora.RATES))
     args = p.parse_args(argv)
     flags.check(p, args)
     return args

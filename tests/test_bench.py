@@ -46,7 +46,7 @@ def test_memory_counts_every_byte_of_the_2b_setups_on_the_meta_device():
     per_layer = 64 * sum(i + o for i, o in [(1536, 1536), (1536, 256), (1536, 256), (1536, 1536),
                                             (1536, 8960), (1536, 8960), (8960, 1536)])
     assert lora["gradients"] == 4 * 28 * per_layer and lora["reference"] == 0
-    assert lora["sampling_copy"] == full["sampling_copy"] and lora["peak_checkpointed"] < 24 * 2 ** 30   # fits 24 GB
+    assert lora["sampling_copy"] == 0 and lora["peak_checkpointed"] < 24 * 2 ** 30   # samples from the policy; fits 24 GB
     for c in (full, fsdp, frozen, lora):
         assert c["activations_checkpointed"] < c["activations"] / 4
         assert c["peak"] - c["peak_checkpointed"] == c["activations"] - c["activations_checkpointed"]

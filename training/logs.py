@@ -18,6 +18,7 @@ class Log:
 
     def __init__(self, args, master):
         self.dir, self.master, self.wandb = args.out_dir, master, None
+        self.rl_steps = self.rewardless = 0       # RL steps logged by this process, those where no sample scored
         if args.wandb and master:
             import wandb   # optional: checked at start-up, imported only when asked for
             self.wandb = wandb.init(project=args.wandb, config=vars(args))
@@ -73,13 +74,23 @@ class Timer(dict):
         self[name] = self.get(name, 0.0) + time.perf_counter() - t
 
 
+NO_REWARD_STEPS = 5   # the first RL steps of a run: if no sample of any earns a reward, say so
+
+
 def log_rl_step(run, step, batch, result, seconds):
-    """Write one RL step's metrics row (returned) and, every --log_rollouts_every steps, its completions."""
+    """Write one RL step's metrics row (returned) and, every --log_rollouts_every steps, its completions. If no
+    sample of the first NO_REWARD_STEPS steps earned anything, write that step's completions and say so."""
     record = rl_record(run, step, batch, result, seconds)
     run.log.write("metrics.jsonl", record)
-    if run.args.log_rollouts_every and (step + 1) % run.args.log_rollouts_every == 0 and batch.rollout:
+    log = run.log
+    log.rl_steps, log.rewardless = log.rl_steps + 1, log.rewardless + (record.get("reward") == 0)
+    silent = log.rl_steps == NO_REWARD_STEPS and log.rewardless == NO_REWARD_STEPS
+    if batch.rollout and (silent or run.args.log_rollouts_every and (step + 1) % run.args.log_rollouts_every == 0):
         for row in range(len(batch.rewards)):
             run.log.write("rollouts.jsonl", rollout_record(step, batch, row))
+    if silent:
+        log.print(f"no sample of the first {NO_REWARD_STEPS} RL steps earned any reward (no final answer, no valid "
+                  f"format): nothing to learn from. Read the completions in {os.path.join(log.dir, 'rollouts.jsonl')}")
     return record
 
 

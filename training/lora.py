@@ -10,11 +10,14 @@ norms and the LM head in fp32, so under autocast it computes what fp32 weights w
 gradients and AdamW state are fp32. The RL reference is the same model with its adapters off (`adapters_off`):
 no second copy, and KL exactly 0 at step 0.
 
-Sampling: where rollouts come from an inference copy (bf16 on CUDA), model.refresh_inference_copy writes the
-merged weights W + (alpha/R)·B·A into it after each step, so the decode step and its CUDA graphs run plain
-Linear layers (one matmul per projection instead of three) and full fine-tuning and LoRA share one sampler;
-a merge costs one [out, R] x [R, in] product per layer per step, next to a rollout's thousands of decode
-steps. In fp32 (CPU) the policy itself samples, its peft layers called by the decode step as they are.
+Sampling: the policy itself samples, in every dtype: the decode step calls its peft layers as they are (the base
+matmul plus the unmerged adapters), so rollouts come from the layers the scorer differentiates, under the same
+autocast, and the base is held once. (Merging (alpha/R)·B·A into a bf16 copy instead would round small updates
+away and hold a second copy of the base.)
+
+After a LoRA warm-up (`--stage both`) the RL stage starts from the warm-up's model: its adapters merged into the
+base (warmup/), fresh adapters on top, the reference being that merged model. final/adapter applies to --model:
+the warm-up's adapters and the RL ones side by side, one adapter of rank 2R (`chain_warmup`, `save`).
 
 `--freeze_vision`: the vision tower (patch embedding and ViT blocks) never trains, in both stages, with or
 without LoRA: no gradients, no optimizer state, no all-reduce. Its merger, the MLP that projects visual
@@ -22,17 +25,25 @@ features into the language model's space, keeps training with full fine-tuning: 
 language model reads, as in LLaVA-style fine-tuning.
 """
 import contextlib
+import copy
+import json
 import os
 
 import torch
 from safetensors.torch import save_file
 
+# LoRA's learning rates, set by --lora_rank unless given: ten times full fine-tuning's, the factor of published LoRA
+# recipes for these models (EasyR1's RL: 1e-5 at rank 64), for the RL lr and the warm-up's (10 x setup.paper_sft_lr).
+# Not measured here on a real model; the tiny models on the toy task have their own (toy.LORA_PRESET, measured).
+RATES = dict(lr=1e-5)
+SFT_LR_FACTOR = 10
 TARGETS = {"language": ("model.language_model.",), "all": ("model.language_model.", "model.visual.")}
 
 
 def add_flags(parser):
     g = parser.add_argument_group("what trains (training/lora.py)")
-    g.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank on a frozen base; 0 = full fine-tuning")
+    g.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank on a frozen base; 0 = full "
+                   "fine-tuning. Sets LoRA's learning rates unless given (below)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale alpha (the update is alpha/rank·BA); default 2·rank")
     g.add_argument("--lora_dropout", type=float, default=0.0,
                    help="dropout on the adapters' input (0: the scored distribution is exactly the sampled one)")
@@ -67,7 +78,20 @@ def add_adapters(net, args, dtype):
     for name, q in net.named_parameters():
         if ".lora_" in name:
             q.data = q.data.float()
+    name = getattr(args, "model", None)
+    net.lora_base = os.path.abspath(name) if name and os.path.isdir(name) else name   # the base save() names
     return net
+
+
+def chain_warmup(net, start, base):
+    """Keep the adapters a warm-up saved in `start`/adapter (they fit `base`, --model), so that save() writes the
+    RL stage's adapters chained to them: an adapter for `base`, not for the merged warm-up `net` was loaded from."""
+    from safetensors.torch import load_file
+    adapter = os.path.join(start, "adapter")
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        config = json.load(f)
+    net.warmup_adapter = (config, load_file(os.path.join(adapter, "adapter_model.safetensors")))
+    net.lora_base = config.get("base_model_name_or_path") or base
 
 
 def layers(net):
@@ -100,18 +124,38 @@ def merged_state(net):
     return out
 
 
-def save(directory, net):
-    """`directory`: the merged model plain transformers loads; `directory`/adapter: the adapters in peft's format
-    (`peft.PeftModel.from_pretrained(base, directory + "/adapter")`)."""
+def adapter(net):
+    """(peft config, {key: fp32 tensor}) of the adapter for the base named `net.lora_base` (--model). After a LoRA
+    warm-up it is the warm-up's adapter (scale s1, rank R1) and this stage's (s2, R2) side by side: A = [A1; A2],
+    B = [s1·B1, s2·B2], rank R1 + R2, alpha = rank (scale 1), so that B·A = s1·B1·A1 + s2·B2·A2 exactly."""
     import peft
+    config = copy.deepcopy(net.peft_config["default"])
+    config.base_model_name_or_path = getattr(net, "lora_base", None)
+    state = {"base_model.model." + k: v.detach().float().cpu().contiguous()
+             for k, v in peft.get_peft_model_state_dict(net).items()}
+    if getattr(net, "warmup_adapter", None) is None:
+        return config, state
+    first, weights = net.warmup_adapter
+    s1, s2 = first["lora_alpha"] / first["r"], config.lora_alpha / config.r
+    for key in [k for k in state if ".lora_A." in k]:
+        b = key.replace(".lora_A.", ".lora_B.")
+        state[key] = torch.cat([weights[key], state[key]], 0)
+        state[b] = torch.cat([s1 * weights[b], s2 * state[b]], 1)
+    config.r = config.lora_alpha = first["r"] + config.r
+    return config, state
+
+
+def save(directory, net):
+    """`directory`: the merged model plain transformers loads; `directory`/adapter: the adapter for --model in
+    peft's format (`peft.PeftModel.from_pretrained(base, directory + "/adapter")`), its adapter_config.json naming
+    that base (base_model_name_or_path)."""
     from transformers import AutoModelForImageTextToText
     with torch.device("meta"):
         plain = AutoModelForImageTextToText.from_config(net.config)
     plain.generation_config = net.generation_config
     plain.save_pretrained(directory, state_dict=merged_state(net))
-    adapter = os.path.join(directory, "adapter")
-    os.makedirs(adapter, exist_ok=True)
-    net.peft_config["default"].save_pretrained(adapter)
-    state = peft.get_peft_model_state_dict(net)
-    save_file({"base_model.model." + k: v.detach().float().cpu().contiguous() for k, v in state.items()},
-              os.path.join(adapter, "adapter_model.safetensors"))
+    path = os.path.join(directory, "adapter")
+    os.makedirs(path, exist_ok=True)
+    config, state = adapter(net)
+    config.save_pretrained(path)
+    save_file(state, os.path.join(path, "adapter_model.safetensors"))

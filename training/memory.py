@@ -213,7 +213,7 @@ def account(architecture, lora_rank=0, freeze_vision=False, fsdp=False, world=1,
     out = dict(weights=nbytes(params, n), gradients=nbytes(trained, n), optimizer=2 * nbytes(trained, n),
                step_transient=max(shard_bytes(q, n) for q in trained),
                reference=0 if lora_rank else reference_bytes(architecture, fsdp, n),
-               sampling_copy=nbytes(M.inference_copy(net, torch.bfloat16).parameters()),
+               sampling_copy=0 if lora_rank else nbytes(M.inference_copy(net, torch.bfloat16).parameters()),   # LoRA samples from the policy
                kv_cache=kv_cache_bytes(net), fsdp_gathered=0, autocast_casts=sum(q.numel() * 2 for q in cast))
     if fsdp:
         root = sum(q.numel() * q.element_size() for q in params if id(q) not in in_blocks)

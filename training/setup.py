@@ -145,11 +145,14 @@ def setup(args):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     policy, tokenizer, image_processor = load_model(args, args.model, device)
-    args.sft_lr = args.sft_lr or paper_sft_lr(sum(q.numel() for q in policy.parameters()))
+    factor = lora.SFT_LR_FACTOR if args.lora_rank else 1
+    args.sft_lr = args.sft_lr or factor * paper_sft_lr(sum(q.numel() for q in policy.parameters()))
     bf16 = compute_dtype(args, device) == torch.bfloat16
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers.
-    sampler = M.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if bf16 or args.fsdp else policy
+    # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers. LoRA samples
+    # from the policy itself: its base is in that layout already, its adapters unmerged (training/lora.py).
+    own_copy = (bf16 or args.fsdp) and not args.lora_rank
+    sampler = M.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if own_copy else policy
     run = Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
               eval_set, logs.Log(args, rank == 0), data_skipped={k: v["skipped"] for k, v in stats.items() if v})
     for line in changes:
@@ -163,15 +166,12 @@ def paper_sft_lr(n_params):
 
 
 def lora_reference(run, start):
-    """With LoRA the RL reference is the policy with its adapters off. After a warm-up the policy is rebuilt
-    from `start` (the warm-up's merged model) with fresh adapters, so that its base is the RL stage's start."""
+    """With LoRA the RL reference is the policy with its adapters off. After a warm-up the policy (which is also
+    the sampler) is rebuilt from `start` (the warm-up's merged model) with fresh adapters, so that its base, the
+    reference, is the warm-up's model; the warm-up's adapters are kept (lora.chain_warmup) for final/adapter."""
     if run.args.stage == "both":
-        own_copy = run.sampler is not run.policy
-        run.policy = load_model(run.args, start, run.device)[0]
-        if own_copy:
-            M.refresh_inference_copy(run.sampler, run.policy)
-        else:
-            run.sampler = run.policy
+        run.policy = run.sampler = load_model(run.args, start, run.device)[0]
+        lora.chain_warmup(run.policy, start, run.args.model)
     return run.policy
 
 
