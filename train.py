@@ -87,25 +87,7 @@ def parse_args(argv=None):
     g.add_argument("--step_credit", type=float, default=0.0, help="weight of per-step credit on matched key steps' tokens; 0 = off")
     g.add_argument("--tis_cap", type=float, default=0.0,
                    help="truncated importance sampling: weight tokens by min(π_θ/π_sampler, cap); 0 = off")
-    g = p.add_argument_group("SFT warm-up, data, evaluation, logging")
-    g.add_argument("--sft_steps", type=int, default=1000, help="warm-up steps")
-    g.add_argument("--sft_batch", type=int, default=8, help="warm-up samples per rank per step")
-    g.add_argument("--sft_lr", type=float, default=None, help="warm-up peak lr (3%% warm-up, cosine); "
-                   "the paper's by model size: 2e-5, or 5e-6 from 5B parameters (7B)")
-    g.add_argument("--sft_weight_decay", type=float, default=0.05, help="warm-up AdamW weight decay")
-    g.add_argument("--drop_reflective", action="store_true", help="drop SFT samples with a self-correction step")
-    g.add_argument("--derive_key_steps", action="store_true", help="derive missing key steps from the solution")
-    g.add_argument("--eval_bench", default=None, choices=harness.BENCHES, help="held-out benchmark, scored greedily "
-                   "at each stage's end (training/heldout.py; toy: the default with --data toy and --eval_n > 0)")
-    g.add_argument("--eval_data", default=None, help="its file or folder, as evaluate.py --data")
-    g.add_argument("--eval_image_root", default=None, help="its image folder, as evaluate.py --image_root")
-    g.add_argument("--eval_limit", type=int, default=0, help="a fixed seeded subset of N records; 0 = all")
-    g.add_argument("--eval_every", type=int, default=0, help="also score it at each stage's start and every N steps")
-    g.add_argument("--eval_n", type=int, default=0, help="held-out questions of --eval_bench toy")
-    g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
-    g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
-    g.add_argument("--difficulty", type=int, default=2, choices=sorted(toy.LEVELS), help="toy task level")
-    g.add_argument("--teacher_noise", type=float, default=0.0, help="toy warm-up paths that miscount")
+    flags.add_warmup_data_eval_flags(p, levels=sorted(toy.LEVELS), benches=harness.BENCHES)
     lora.add_flags(p)
     known, _ = p.parse_known_args(argv)
     if known.data == "toy":
@@ -133,7 +115,6 @@ def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-DIVERGED = 5   # updates skipped in a row (non-finite loss or gradient norm) that stop a run: it has diverged
 
 
 class Stop(Exception):
@@ -160,17 +141,6 @@ def optimizer_step(run, optimizer, scheduler, loss_value):
     if run.sampler is not run.policy:
         M.refresh_inference_copy(run.sampler, run.policy)
     return norm
-
-
-def stop_if_diverged(run, stage, step):
-    """DIVERGED updates skipped in a row: the run has diverged; stop with one line (no later step would update)."""
-    if run.skipped_in_a_row < DIVERGED:
-        return
-    lr = "--sft_lr" if stage == "sft" else "--lr"
-    raise SystemExit(f"error: the {stage} stage diverged: the updates of steps {step + 2 - DIVERGED}-{step + 1} had a "
-                     f"non-finite loss or gradient norm with {lr} {getattr(run.args, lr[2:])}; "
-                     f"{checkpoint.last_good(run.ckpt_path)}: lower {lr} and start afresh (--overwrite)"
-                     if run.master else 1)
 
 
 def end_of_step(run, stage, step, start, last, optimizer, scheduler):
@@ -232,7 +202,7 @@ def sft(run):
         if loss.requires_grad:
             loss.backward()
         norm = optimizer_step(run, optimizer, scheduler, loss.item())
-        stop_if_diverged(run, "sft", step)
+        checkpoint.stop_if_diverged(run, "sft", step)
         loss = parallel.all_reduce(loss.item(), run.device, run.ddp) / run.world   # the global mean, not this rank's share
         run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
@@ -362,7 +332,7 @@ def rl(run):
         if step == start:
             flags.require_kept(run, batch.rollout is not None)
         result = update(run, batch, optimizer, scheduler)      # reference log-probs, loss, optimizer step
-        stop_if_diverged(run, "rl", step)
+        checkpoint.stop_if_diverged(run, "rl", step)
         record = logs.log_rl_step(run, step, batch, result, time.time() - t0)  # metrics.jsonl, rollouts.jsonl
         bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}", kl=f"{record['kl']:.4f}")
         heldout.at(run, "rl", step + 1)

@@ -43,7 +43,7 @@ def test_a_diverging_warmup_skips_nan_gradients_and_stops_naming_the_lr_and_the_
     out = tmp_path / "run"
     message = error_of(["--out_dir", str(out), *TINY_SFT, "--sft_steps", "20", "--sft_lr", "100", "--save_every", "1"])
     ckpt = out / "checkpoint" / "ckpt.pt"
-    assert message == (f"error: the sft stage diverged: the updates of steps 2-{1 + T.DIVERGED} had a non-finite loss or "
+    assert message == (f"error: the sft stage diverged: the updates of steps 2-{1 + checkpoint.DIVERGED} had a non-finite loss or "
                        f"gradient norm with --sft_lr 100.0; the last good checkpoint (sft, step 1) is {ckpt}: lower "
                        "--sft_lr and start afresh (--overwrite)")
     state = checkpoint.read(str(ckpt))
@@ -57,11 +57,11 @@ def test_an_rl_update_with_a_nan_gradient_norm_is_skipped_and_the_run_stops_afte
     run = T.setup(T.parse_args(["--out_dir", str(tmp_path), *TINY_RL, "--max_steps", "20", "--lr", "1e-2"]))
     run.reference = T.load_reference(run)
     start = {n: q.detach().clone() for n, q in run.policy.named_parameters()}
-    with pytest.raises(SystemExit, match=rf"rl stage diverged: the updates of steps 1-{T.DIVERGED} .* --lr 0.01; no "
+    with pytest.raises(SystemExit, match=rf"rl stage diverged: the updates of steps 1-{checkpoint.DIVERGED} .* --lr 0.01; no "
                                          "checkpoint was saved"):
         T.rl(run)
     assert all(torch.equal(start[n], q) for n, q in run.policy.named_parameters())
-    assert run.skipped["nonfinite_loss"] == T.DIVERGED
+    assert run.skipped["nonfinite_loss"] == checkpoint.DIVERGED
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):

@@ -163,8 +163,12 @@ def test_two_ranks_train_the_same_adapters_as_one(sft_lora, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = adapter(sft_lora), adapter(tmp_path)
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)
-    # equal up to float summation order, which Adam amplifies where gradients are ~0: a tenth of the lr
-    assert all(torch.allclose(one[k], two[k], atol=1e-3, rtol=0) for k in one)
+    # Equal up to float summation order (one padded batch of 2 rows against one row per rank). Adam's first steps
+    # move an entry by ~lr whatever its gradient's size, so an entry whose gradient is ~0 (of the order of Adam's
+    # eps) may land anywhere within 2 lr x steps: a handful may; every other entry agrees within a tenth of the lr.
+    lr, steps = float(SFT[SFT.index("--sft_lr") + 1]), int(SFT[SFT.index("--sft_steps") + 1])
+    diff = torch.cat([(one[k] - two[k]).abs().flatten() for k in one])
+    assert diff.max() <= 2 * lr * steps and int((diff > lr / 10).sum()) <= max(3, diff.numel() // 10_000)
     losses = [[round(json.loads(line)["loss"], 5) for line in open(out / "metrics.jsonl")] for out in (sft_lora, tmp_path)]
     assert losses[0] == losses[1]
 

@@ -342,3 +342,17 @@ def _swap(new, directory):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, directory)
+
+
+DIVERGED = 5   # updates skipped in a row (non-finite loss or gradient norm) that stop a run: it has diverged
+
+
+def stop_if_diverged(run, stage, step):
+    """DIVERGED updates skipped in a row: the run has diverged; stop with one line (no later step would update)."""
+    if run.skipped_in_a_row < DIVERGED:
+        return
+    lr = "--sft_lr" if stage == "sft" else "--lr"
+    raise SystemExit(f"error: the {stage} stage diverged: the updates of steps {step + 2 - DIVERGED}-{step + 1} had a "
+                     f"non-finite loss or gradient norm with {lr} {getattr(run.args, lr[2:])}; "
+                     f"{last_good(run.ckpt_path)}: lower {lr} and start afresh (--overwrite)"
+                     if run.master else 1)

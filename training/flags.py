@@ -16,6 +16,31 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if shown else super()._get_help_string(action)
 
 
+
+def add_warmup_data_eval_flags(p, levels, benches):
+    """train.py's flags of the SFT warm-up, the data, held-out evaluation and logging (`levels`: the toy task's
+    difficulty levels; `benches`: what --eval_bench accepts)."""
+    g = p.add_argument_group("SFT warm-up, data, evaluation, logging")
+    g.add_argument("--sft_steps", type=int, default=1000, help="warm-up steps")
+    g.add_argument("--sft_batch", type=int, default=8, help="warm-up samples per rank per step")
+    g.add_argument("--sft_lr", type=float, default=None, help="warm-up peak lr (3%% warm-up, cosine); "
+                   "the paper's by model size: 2e-5, or 5e-6 from 5B parameters (7B)")
+    g.add_argument("--sft_weight_decay", type=float, default=0.05, help="warm-up AdamW weight decay")
+    g.add_argument("--drop_reflective", action="store_true", help="drop SFT samples with a self-correction step")
+    g.add_argument("--derive_key_steps", action="store_true", help="derive missing key steps from the solution")
+    g.add_argument("--eval_bench", default=None, choices=benches, help="held-out benchmark, scored greedily "
+                   "at each stage's end (training/heldout.py; toy: the default with --data toy and --eval_n > 0)")
+    g.add_argument("--eval_data", default=None, help="its file or folder, as evaluate.py --data")
+    g.add_argument("--eval_image_root", default=None, help="its image folder, as evaluate.py --image_root")
+    g.add_argument("--eval_limit", type=int, default=0, help="a fixed seeded subset of N records; 0 = all")
+    g.add_argument("--eval_every", type=int, default=0, help="also score it at each stage's start and every N steps")
+    g.add_argument("--eval_n", type=int, default=0, help="held-out questions of --eval_bench toy")
+    g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
+    g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
+    g.add_argument("--difficulty", type=int, default=2, choices=levels, help="toy task level")
+    g.add_argument("--teacher_noise", type=float, default=0.0, help="toy warm-up paths that miscount")
+
+
 def check(p, a):
     """Ranges of the numbers and contradictions between flags; p.error exits with one line."""
     rl, sft = a.stage != "sft", a.stage != "rl"
