@@ -122,7 +122,7 @@ def on_tiny(command, out):
     script = next(w for w in words if w.endswith(".py") or w == "scripts.gpu_check")
     launcher = [sys.executable]
     if words[0] == "torchrun":   # FSDP on two ranks (lockstep, sharded steps); otherwise one torchrun rank
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", "2" if "--fsdp" in words else "1"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2" if "--fsdp" in words else "1"]
     rest, kept = words[words.index(script) + 1:], []
     for i, w in enumerate(rest):
         if w in DROP_WITH_VALUE or (i and rest[i - 1] in DROP_WITH_VALUE and not w.startswith("--")):

@@ -157,7 +157,7 @@ def test_final_is_a_merged_model_transformers_loads_equal_to_base_plus_adapter_d
 def test_two_ranks_train_the_same_adapters_as_one(sft_lora, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     flags = [f if f != "2" or i != SFT.index("--sft_batch") + 1 else "1" for i, f in enumerate(SFT)]   # per rank
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                           "--out_dir", str(tmp_path), *flags], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

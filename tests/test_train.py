@@ -21,7 +21,7 @@ RL = ["--stage", "rl", "--data", "toy", "--prompts_per_step", "4", "--num_genera
 
 
 def train(out, *flags, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
     res = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), "--out_dir", str(out), *flags],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -288,7 +288,7 @@ def test_summary_is_valid_json_when_a_metric_has_no_value(tmp_path):
 # ---------------------------------------------------------------------------- several processes (gloo)
 def torchrun(script, *args, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), script, *args],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
