@@ -108,7 +108,7 @@ def needs_gpu(command):
 
 DROP_WITH_VALUE = {"--model", "--data", "--image_root", "--eval_bench", "--eval_data", "--eval_limit", "--eval_every",
                    "--out_dir", "--out", "--workload", "--nproc_per_node", "--bench", "--limit"}
-SHORT = {"train.py": ["--sft_steps", "2", "--max_steps", "2", "--sft_batch", "4", "--prompts_per_step", "2",
+SHORT = {"train.py": ["--sft_steps", "1", "--max_steps", "1", "--sft_batch", "4", "--prompts_per_step", "2",
                       "--grad_accum", "1", "--max_new_tokens", "24", "--eval_n", "0", "--overwrite"],
          "bench.py": ["--steps", "1"],
          "scripts.gpu_check": [],
