@@ -326,6 +326,11 @@ def head_logprobs(hidden, weight, bias=None, temperature=1.0, suppress_ids=None)
 
 # ----------------------------------------------------------------------------- sampling copy
 
+def is_matmul(module):
+    """Linear and convolution layers: those whose weights autocast casts (and inference_copy holds cast)."""
+    return isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+
+
 def inference_copy(policy, dtype=torch.bfloat16):
     """A separate, unsharded copy of `policy` to sample from, with its weights in the compute dtype.
 
@@ -340,7 +345,7 @@ def inference_copy(policy, dtype=torch.bfloat16):
     with torch.device("meta"):
         copy = AutoModelForImageTextToText.from_config(policy.config)
     for module in copy.modules():                          # cast while on meta: no fp32 copy is ever allocated
-        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and module is not copy.lm_head:
+        if is_matmul(module) and module is not copy.lm_head:
             module.to(dtype)
     copy.to_empty(device=next(policy.parameters()).device).eval().requires_grad_(False)
     copy.tie_weights()                                     # to_empty gives tied weights separate storage

@@ -332,7 +332,7 @@ run.reference = T.load_reference(run)
 seen = {}
 for name, module in run.policy.named_modules():
     if ".layers." in name or ".blocks." in name:
-        kind = "matmul" if parallel.is_matmul(module) else "norm" if "norm" in type(module).__name__.lower() else None
+        kind = "matmul" if M.is_matmul(module) else "norm" if "norm" in type(module).__name__.lower() else None
         if kind:
             module.register_forward_pre_hook(lambda m, _, kind=kind: seen.setdefault(kind, set()).add(str(m.weight.dtype)))
 batch = T.collect(run, 0)

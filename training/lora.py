@@ -32,6 +32,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+import model as M
+
 # LoRA's learning rates, set by --lora_rank unless given: ten times full fine-tuning's, the factor of published LoRA
 # recipes for these models (EasyR1's RL: 1e-5 at rank 64), for the RL lr and the warm-up's (10 x setup.paper_sft_lr).
 # Not measured here on a real model; the tiny models on the toy task have their own (toy.LORA_PRESET, measured).
@@ -69,7 +71,7 @@ def add_adapters(net, args, dtype):
     if args.freeze_vision and args.lora_targets != "language":
         raise SystemExit("error: --freeze_vision with --lora_targets all: the vision tower would get adapters")
     for module in net.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and module is not net.lm_head:
+        if M.is_matmul(module) and module is not net.lm_head:
             module.to(dtype)
     targets = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(TARGETS[args.lora_targets])]
     config = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,

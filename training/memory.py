@@ -101,7 +101,7 @@ def reference_bytes(architecture, fsdp, world):
 
 def matmul_weights(module, skip=()):
     """The parameters of module's Linear and convolution layers (those autocast casts), `skip` excepted."""
-    return [q for m in module.modules() if parallel.is_matmul(m) and m not in skip for q in m.parameters(recurse=False)]
+    return [q for m in module.modules() if M.is_matmul(m) and m not in skip for q in m.parameters(recurse=False)]
 
 
 def saved_bytes(fn, exclude):
@@ -124,7 +124,7 @@ def probe(module, hidden, **kwargs):
     weights as trained. Weight values change no size: they are random."""
     module = copy.deepcopy(module)
     for m in module.modules():
-        if parallel.is_matmul(m):
+        if M.is_matmul(m):
             m.to(torch.bfloat16)
     module.to_empty(device="cpu")
     with torch.no_grad():

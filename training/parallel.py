@@ -88,13 +88,8 @@ def shard(net, param_dtype=None):
 def full_precision_parts(block):
     """The modules inside a block that own weights autocast leaves in fp32 (norms; a gated delta net's
     decay and bias), innermost first, so that each becomes its own unit before the one around it."""
-    return [m for m in reversed(list(block.modules())) if m is not block and not is_matmul(m)
+    return [m for m in reversed(list(block.modules())) if m is not block and not M.is_matmul(m)
             and any(True for _ in m.parameters(recurse=False))]
-
-
-def is_matmul(module):
-    """Linear and convolution layers: those whose weights autocast casts (and model.inference_copy holds cast)."""
-    return isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
 
 
 def placeholder_image():
