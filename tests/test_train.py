@@ -311,6 +311,7 @@ state["policy_after_forward"] = sharded(run.policy)
 logp.sum().backward()
 state["policy_after_backward"] = sharded(run.policy)
 json.dump(state, open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
+parallel.close(finished=True)   # as a finished run ends
 """
 
 
@@ -346,7 +347,7 @@ trained = [q for q in run.policy.parameters() if q.requires_grad]
 norm = parallel.clip_gradients(trained, float("inf")) if all(q.grad.dtype == torch.float32 for q in trained) else 0
 json.dump(dict(kl_zero=torch.equal(pol, ref), sampler_equal=torch.equal(pol, sampler), trains=0 < norm < float("inf"),
                seen={k: sorted(v) for k, v in seen.items()}), open(f"{sys.argv[1]}/state{run.rank}.json", "w"))
-torch.distributed.destroy_process_group()
+parallel.close(finished=True)   # as a finished run ends: a rank that tears down first aborts the other's last reads
 """
 
 
