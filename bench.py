@@ -112,6 +112,18 @@ def memory_bandwidth(device):
     return 2 * x.numel() * 20 / timed(lambda: [y.copy_(x) for _ in range(20)])[1]
 
 
+def decode_step_bytes(net, rows, slots):
+    """The bytes one decode step of `rows` samples must read at the end of `slots` cache slots: the text decoder's
+    weights, the LM head as the step reads it (cast to fp32: model.fp32_head) and the attended bf16 KV cache. The
+    embedding table is not read whole (a row per token), and is the LM head itself where the two are tied."""
+    text = net.config.get_text_config()
+    weights = sum(q.numel() * q.element_size() for n, q in net.named_parameters()
+                  if not n.startswith(("model.visual", "lm_head")) and "embed_tokens" not in n)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * text.num_hidden_layers * rollout.padded_rows(rows) * text.num_key_value_heads * rollout.rounded(slots) * head_dim * 2
+    return weights + 4 * net.lm_head.weight.numel() + kv
+
+
 def fast_paths(run, batch):
     """Each fast path against its plain alternative, on the same inputs."""
     ro, chunk_rows = batch.rollout, list(range(min(4, len(batch.rewards))))
@@ -143,9 +155,6 @@ def decode_table(run, rows_list, lengths, compile=False):
     weights and LM head, plus the whole static KV cache it attends over) at the measured bandwidth."""
     sampler, cuda = run.sampler, run.device.type == "cuda"
     s = samples(1, (112, 112))[0]
-    text = sampler.config.get_text_config()
-    weight_bytes = sum(q.numel() * q.element_size() for name, q in sampler.named_parameters()
-                       if not name.startswith("model.visual"))
     bandwidth = memory_bandwidth(run.device) if cuda else None
 
     def generate(rows, length):
@@ -163,10 +172,8 @@ def decode_table(run, rows_list, lengths, compile=False):
             step_s = (secs - base) / (length - 1)
             row = dict(rows=rows, tokens=length, ms_per_step=round(1000 * step_s, 3))
             if cuda:
-                cache_len = -(-(ro.prompt["input_ids"].shape[1] + length) // rollout.CACHE_ROUND) * rollout.CACHE_ROUND
-                kv_bytes = (2 * text.num_hidden_layers * rollout.padded_rows(rows) * text.num_key_value_heads
-                            * cache_len * (text.hidden_size // text.num_attention_heads) * 2)
-                row["roofline_frac"] = round((weight_bytes + kv_bytes) / bandwidth / step_s, 3)
+                step_bytes = decode_step_bytes(sampler, rows, ro.prompt["input_ids"].shape[1] + length)
+                row["roofline_frac"] = round(step_bytes / bandwidth / step_s, 3)
             table.append(row)
     for row in table:                                     # per rows: time per step relative to the shortest
         first = next(r for r in table if r["rows"] == row["rows"])

@@ -27,7 +27,6 @@ import torch
 
 import bench
 import model as M
-import rollout
 from training import memory
 
 MISMATCH_MEAN = 0.05     # mean |log p_sampler - log p_scorer| per token; bf16 measured 0.016 (GPU-FACTS-style figure)
@@ -36,16 +35,9 @@ MEMORY_SLACK = 1.05      # measured peak within 5 % of the counted one
 
 
 def decode_floor_ms(run, rows, slots, bandwidth):
-    """The bandwidth floor of one decode step: the bytes it must read (text decoder weights, the LM head cast to
-    fp32, the attended KV cache) over the measured copy bandwidth."""
-    net, text = run.sampler, run.sampler.config.get_text_config()
-    weights = sum(q.numel() * q.element_size() for n, q in net.named_parameters()
-                  if not n.startswith(("model.visual", "lm_head")))
-    head = 4 * net.lm_head.weight.numel()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = (2 * text.num_hidden_layers * rollout.padded_rows(rows) * text.num_key_value_heads * rollout.rounded(slots)
-          * head_dim * 2)
-    return 1000 * (weights + head + kv) / bandwidth
+    """The bandwidth floor of one decode step: the bytes it must read (bench.decode_step_bytes) over the measured
+    copy bandwidth."""
+    return 1000 * bench.decode_step_bytes(run.sampler, rows, slots) / bandwidth
 
 
 def free(run):
