@@ -201,10 +201,11 @@ def sft(run):
             flags.require_kept(run, len(samples) > run.skipped["long_prompt"] - skipped)
         if loss.requires_grad:
             loss.backward()
-        norm = optimizer_step(run, optimizer, scheduler, loss.item())
+        loss = loss.item()
+        norm = optimizer_step(run, optimizer, scheduler, loss)
         checkpoint.stop_if_diverged(run, "sft", step)
-        loss = parallel.all_reduce(loss.item(), run.device, run.ddp) / run.world   # the global mean, not this rank's share
-        run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss.item(), grad_norm=norm,
+        loss = parallel.all_reduce(loss, run.device, run.ddp).item() / run.world   # the global mean, not this rank's share
+        run.log.write("metrics.jsonl", dict(stage="sft", step=step + 1, loss=loss, grad_norm=norm,
                                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t0))
         heldout.at(run, "sft", step + 1)                # every --eval_every steps, and the last
         end_of_step(run, "sft", step, start, a.sft_steps, optimizer, scheduler)
