@@ -117,6 +117,25 @@ def test_imperfect_teacher_slips_one_count_and_keeps_the_problem(toy, level):
     assert wrong / len(slipped) > 0.5   # most slips change the answer ("compare" may survive one)
 
 
+def test_late_teacher_counts_right_and_slips_at_the_last_operation(toy):
+    """teacher_slip="late": the same problems; a slipped path keeps every step but the last, whose result (and the
+    answer) is one off, so its key-step match is L/(L + 1) with a wrong answer; A/B/C questions keep the truth."""
+    clean = toy["train", 4][:300]
+    late = T.dataset("train", 1000, seed=0, difficulty=4, teacher_noise=1.0, teacher_slip="late")[:300]
+    assert [signature(s) for s in clean] == [signature(s) for s in late]
+    for s in late:
+        truth, told = s["solution"].split("### Step"), s["teacher_solution"].split("### Step")
+        assert truth[:-1] == told[:-1] and truth[-1] != told[-1], s["id"]
+        k, _ = rewards.match_key_steps(s["teacher_solution"], s["key_steps"])
+        assert k == pytest.approx(4 / 5), s["id"]
+        answer = rewards.extract_answer(s["teacher_solution"])
+        assert abs(int(answer) - int(s["answer"])) == 1 and rewards.step_rvr(s["teacher_solution"]) == 1, s["id"]
+    letters = [s for s in T.dataset("train", 200, difficulty=2, teacher_noise=1.0, teacher_slip="late") if s["answer"] in "ABC"]
+    assert letters and all(s["teacher_solution"] == s["solution"] for s in letters)
+    with pytest.raises(ValueError, match="teacher_slip"):
+        T.dataset(n=1, teacher_slip="early")
+
+
 @pytest.mark.parametrize("noise", [-0.1, 1.5])
 def test_teacher_noise_outside_0_1_is_an_error(noise):
     with pytest.raises(ValueError, match="teacher_noise"):

@@ -59,6 +59,7 @@ ANSWERS = {"not": range(1, 7), "twice": range(0, 9, 2), "more": range(0, 5),
            "total": range(0, 7), "compare": "ABC", "expr": range(0, 6), "most": "ABC",
            "expr2": range(0, 6), "sum3": range(2, 9)}
 MAX_TRIES = 100_000
+SLIPS = ("count", "late")   # where the teacher's slip falls: one count, or the last operation
 
 
 def _count_step(colour, c):
@@ -158,7 +159,17 @@ def _render(rows, cols, grid):
     return img
 
 
-def _sample(rng, level, split, teacher_rng, teacher_noise):
+def _late_slip(steps, answer, teacher_rng):
+    """The teacher's path slipping at its last step only: every count right, the final operation's result one
+    off and carried into the answer. None for questions whose last step is not arithmetic (A/B/C kinds)."""
+    body, _ = steps[-1]
+    if not isinstance(answer, int) or not body.endswith(f" = {answer}"):
+        return None
+    wrong = answer + (teacher_rng.choice((-1, 1)) if answer > 0 else 1)
+    return steps[:-1] + [_eq_step(body[:-len(f" = {answer}")], wrong)], wrong
+
+
+def _sample(rng, level, split, teacher_rng, teacher_noise, teacher_slip="count"):
     rows, cols, colours, kinds = LEVELS[level]
     kind = rng.choice(kinds)
     target = str(rng.choice(ANSWERS[kind]))
@@ -180,21 +191,25 @@ def _sample(rng, level, split, teacher_rng, teacher_noise):
                 f"### Let's think step by step.\n\n{body}\n\n### The final answer is: {answer}")
     solution = teacher = path(steps, answer)
     # The imperfect teacher misses one cell of one colour it counts and carries the slip on to
-    # its answer (grids where no slip leaves a well-posed question keep the correct path).
+    # its answer (grids where no slip leaves a well-posed question keep the correct path); with
+    # teacher_slip="late" it counts right and gets the last operation one off instead.
     if teacher_rng.random() < teacher_noise:
-        counts = [grid.count(c) for c in names]
-        slips = [slip for j, c in enumerate(counts)
-                 if c and (slip := _pose(kind, names, counts[:j] + [c - 1] + counts[j + 1:], len(grid)))]
-        if slips:
-            _, _, bad_steps, bad_answer = teacher_rng.choice(slips)
-            teacher = path(bad_steps, bad_answer)
+        if teacher_slip == "late":
+            slipped = _late_slip(steps, answer, teacher_rng)
+        else:
+            counts = [grid.count(c) for c in names]
+            slips = [slip for j, c in enumerate(counts)
+                     if c and (slip := _pose(kind, names, counts[:j] + [c - 1] + counts[j + 1:], len(grid)))]
+            slipped = teacher_rng.choice(slips)[2:] if slips else None
+        if slipped:
+            teacher = path(*slipped)
     return {"image": _render(rows, cols, grid), "problem": problem, "solution": solution,
             "teacher_solution": teacher, "answer": str(answer),
             "key_steps": {"Steps": [alts for _, alts in steps]}}
 
 
-def dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0):
-    """n toy samples, a deterministic function of (split, n, seed, difficulty, teacher_noise).
+def dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0, teacher_slip="count"):
+    """n toy samples, a deterministic function of (split, n, seed, difficulty, teacher_noise, teacher_slip).
 
     difficulty (cells of 28 px; colours besides white; steps of the reference path):
       1: 2×3 grid, 3 colours, 2 steps — "How many cells are not X?" (6 − X), "twice X".
@@ -208,7 +223,8 @@ def dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0):
     "test" draw from disjoint halves of the problem space (`_split`); duplicates may occur
     within a split. Sample: {"id", "image" (PIL RGB), "problem", "solution" (reference path),
     "teacher_solution" (the warm-up path: with probability `teacher_noise` one count is one too
-    low and the rest follows from it; else the reference path), "answer", "key_steps"
+    low and the rest follows from it, or with teacher_slip="late" every count is right and the last
+    operation's result is one off; else the reference path), "answer", "key_steps"
     {"Steps": [[alternatives], ...]}}. The teacher's slips come from their own random stream, so
     the problems are the same for any `teacher_noise`.
     """
@@ -218,7 +234,9 @@ def dataset(split="train", n=1000, seed=0, difficulty=2, teacher_noise=0.0):
         raise ValueError(f"toy difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
     if not 0 <= teacher_noise <= 1:
         raise ValueError(f"teacher_noise is a probability in [0, 1], got {teacher_noise!r}")
+    if teacher_slip not in SLIPS:
+        raise ValueError(f"teacher_slip must be one of {SLIPS}, got {teacher_slip!r}")
     rng = random.Random(f"toy|{split}|{seed}|{difficulty}")  # str seeds hash stably across runs
     teacher_rng = random.Random(f"teacher|{split}|{seed}|{difficulty}")  # apart: problems never depend on it
-    return [{"id": f"toy-{split}-d{difficulty}-s{seed}-{i}", **_sample(rng, difficulty, split, teacher_rng, teacher_noise)}
+    return [{"id": f"toy-{split}-d{difficulty}-s{seed}-{i}", **_sample(rng, difficulty, split, teacher_rng, teacher_noise, teacher_slip)}
             for i in range(n)]

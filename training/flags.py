@@ -38,7 +38,9 @@ def add_warmup_data_eval_flags(p, levels, benches):
     g.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps")
     g.add_argument("--log_rollouts_every", type=int, default=10, help="write completions to rollouts.jsonl")
     g.add_argument("--difficulty", type=int, default=2, choices=levels, help="toy task level")
-    g.add_argument("--teacher_noise", type=float, default=0.0, help="toy warm-up paths that miscount")
+    g.add_argument("--teacher_noise", type=float, default=0.0, help="toy warm-up paths that slip")
+    g.add_argument("--teacher_slip", default="count", choices=["count", "late"],
+                   help="where a toy warm-up path slips: one count one low, or the last operation one off")
 
 
 def check(p, a):

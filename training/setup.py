@@ -63,7 +63,8 @@ def load_data(args, stats=None):
     the loaders (their skips by reason into stats["sft_data"], stats["rl_data"]); a file with nothing usable
     is an error."""
     if args.data == "toy":
-        train = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise)
+        train = toy.dataset("train", n=4000, seed=args.seed, difficulty=args.difficulty, teacher_noise=args.teacher_noise,
+                            teacher_slip=args.teacher_slip)
         return [{**s, "response": s["teacher_solution"]} for s in train], train, heldout.records(args)
     stats = {} if stats is None else stats
     sft = data.load_sft_data(args.data, args.image_root, stats.setdefault("sft_data", {}),
