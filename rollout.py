@@ -188,7 +188,7 @@ def decode_step(model, cache, tokens, positions, slot):
     row attends to its valid slots up to `slot`. Returns the final hidden states [rows, D].
 
     The model's own layers, written out as in gpt-fast: every shape is fixed, so the step can be
-    captured as one CUDA graph. Attention is SDPA whatever the model's attention implementation."""
+    captured as one CUDA graph. Attention is `attend` whatever the model's attention implementation."""
     text = model.model.language_model
     rows, kv_heads = tokens.shape[0], cache.k[0].shape[1]
     h = text.embed_tokens(tokens)
@@ -206,10 +206,20 @@ def decode_step(model, cache, tokens, positions, slot):
         # Grouped-query attention without repeating K/V: the query heads that share a K/V head
         # (consecutive, as in the model) attend as that head's group of queries.
         q = q.reshape(rows, kv_heads, -1, att.head_dim).to(k_cache.dtype)
-        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, scale=att.scaling)
+        o = attend(q, k_cache, v_cache, visible, att.scaling)
         h = h + att.o_proj(o.reshape(rows, 1, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return text.norm(h)[:, 0]
+
+
+def attend(q, k, v, visible, scale):
+    """softmax(q·kᵀ · scale, over the visible slots) · v for a step's queries [rows, kv_heads, queries, head_dim].
+    On CUDA, SDPA's fused kernel. Elsewhere two matmuls and an fp32 softmax: at one query per row the fused
+    CPU kernel's fixed cost per call is several times theirs (docs/performance.md)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~visible, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 def static_cache_fits(model):
