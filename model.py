@@ -18,6 +18,7 @@ import os
 
 import torch
 import transformers
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -28,6 +29,7 @@ MIN_TOKENS, MAX_TOKENS = 3136 / 28 ** 2, 400_000 / 28 ** 2
 MAX_PROMPT_LEN = 1024                      # longer prompts are skipped, never cut into image tokens
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 STOP_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+ATTENTION_ONLY = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")   # decoders whose cache is keys and values (not Qwen3.5)
 SYSTEM = "You are a helpful assistant."   # Qwen2-VL's default system turn; R1-VL sets no other
 
 # Our wording of the R1-VL instruction: it names every section of the response format.
@@ -231,18 +233,40 @@ def select_rows(batch, rows):
     """The sub-batch of `rows`, keeping each row's block of pixel_values with it (pixel_values holds the
     images of all rows back to back, so plain row indexing would give a row another row's image)."""
     rows = torch.as_tensor(rows, dtype=torch.long)
-    mm = batch["mm_token_type_ids"].bool()
-    per_row = (mm[:, 1:] & ~mm[:, :-1]).sum(-1) + mm[:, 0]   # images of each row: its runs of image tokens
     out = {k: v[rows] for k, v in batch.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if batch["image_grid_thw"] is None:
         return {**out, "pixel_values": None, "image_grid_thw": None}
-    first = (per_row.cumsum(0) - per_row).tolist()         # row -> its first image block
-    sizes = batch["image_grid_thw"].prod(-1)
-    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
-    blocks = [b for r in rows.tolist() for b in range(first[r], first[r] + int(per_row[r]))]
-    out["pixel_values"] = torch.cat([batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in blocks]) if blocks else None
-    out["image_grid_thw"] = batch["image_grid_thw"][blocks] if blocks else None
+    blocks, offsets = image_blocks(batch)
+    picked = [b for r in rows.tolist() for b in blocks[r]]
+    out["pixel_values"] = torch.cat([batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in picked]) if picked else None
+    out["image_grid_thw"] = batch["image_grid_thw"][picked] if picked else None
     return out
+
+
+def image_blocks(batch):
+    """([indices of each row's image blocks], offsets of the blocks in pixel_values): a row's images are its runs of
+    image tokens, in order."""
+    mm = batch["mm_token_type_ids"].bool()
+    per_row = ((mm[:, 1:] & ~mm[:, :-1]).sum(-1) + mm[:, 0]).tolist()
+    first = [sum(per_row[:r]) for r in range(len(per_row))]
+    sizes = batch["image_grid_thw"].prod(-1)
+    return [list(range(f, f + n)) for f, n in zip(first, per_row)], [0, *sizes.cumsum(0).tolist()]
+
+
+def shared_prompts(batch):
+    """(first row of each distinct prompt, index of each row's prompt among those) when rows repeat a prompt, as
+    the M samples of a group do (same tokens, mask and pixels); None when every prompt is distinct."""
+    ids, mask = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+    blocks, offsets = image_blocks(batch) if batch["image_grid_thw"] is not None else ([[]] * len(ids), [])
+    pixels = [[batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in row] for row in blocks]
+    same = lambda r, f: ids[r] == ids[f] and mask[r] == mask[f] and len(blocks[r]) == len(blocks[f]) and all(  # noqa: E731
+        torch.equal(a, b) for a, b in zip(pixels[r], pixels[f]))
+    first, of_row = [], []
+    for r in range(len(ids)):
+        u = next((u for u, f in enumerate(first) if same(r, f)), None)
+        of_row.append(len(first) if u is None else u)
+        first += [r] if u is None else []
+    return None if len(first) == len(ids) else (first, of_row)
 
 
 # ----------------------------------------------------------------------------- positions and scoring
@@ -275,20 +299,50 @@ def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_
     mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
     positions, _ = rope_positions(model, input_ids, attention_mask, mm, batch["image_grid_thw"])
     model.model.rope_deltas = None
+    # Rows that repeat a prompt (a group's M samples) run it once: see score_tokens.
+    share = shared_prompts(batch) if shares_prompts(model) else None
+    pixels = batch if share is None else select_rows(batch, share[0])
     # An FSDP2 model (training/parallel.py) carries `score_tokens` as a registered forward of its root, so
     # that the root's weights (embeddings, LM head, norms) are gathered around this call and its backward.
     score = getattr(model, "score_tokens", None) or functools.partial(score_tokens, model)
-    return score(input_ids, attention_mask, positions, batch["pixel_values"], batch["image_grid_thw"], completion_ids,
-                 temperature, suppress_ids, chunk_size)
+    return score(input_ids, attention_mask, positions, pixels["pixel_values"], pixels["image_grid_thw"], completion_ids,
+                 temperature, suppress_ids, chunk_size, share)
+
+
+def shares_prompts(model):
+    """Whether score_tokens may run a repeated prompt once: decoders whose cache is keys and values (not Qwen3.5's
+    recurrent state), without activation checkpointing (which runs the layers without a cache), and not under FSDP,
+    whose ranks must run the same sharded forwards whichever of their rows repeat a prompt."""
+    return model.config.model_type in ATTENTION_ONLY and not isinstance(model, FSDPModule) and not any(
+        getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
 
 
 def score_tokens(model, input_ids, attention_mask, positions, pixel_values, image_grid_thw, completion_ids,
-                 temperature, suppress_ids, chunk_size):
-    """completion_logprobs once its inputs are built: the trunk's forward, then the fp32 LM head in chunks."""
+                 temperature, suppress_ids, chunk_size, share=None):
+    """completion_logprobs once its inputs are built: the trunk's forward, then the fp32 LM head in chunks.
+
+    With `share` (first row of each distinct prompt, each row's prompt; pixel_values holds the distinct prompts'
+    images) each distinct prompt, image included, goes through the trunk once with the cache on; its keys and
+    values are repeated for its rows, and the completions run on from them. Gradients flow back through the
+    repeated keys and values into the one prompt pass, so the loss and its gradient are those of the full rows,
+    with (M - 1) / M of the prompt's and the vision tower's work left out."""
     prompt_len = input_ids.shape[1] - completion_ids.shape[1]
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state
-    hidden = hidden[:, prompt_len - 1:-1].reshape(-1, hidden.shape[-1])    # states that predict o_t
+    if share is None:
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False).last_hidden_state
+        hidden = hidden[:, prompt_len - 1:-1]                                # states that predict o_t
+    else:
+        first, of_row = (torch.as_tensor(x, device=input_ids.device) for x in share)
+        out = model.model(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
+                          position_ids=positions[:, first, :prompt_len], pixel_values=pixel_values,
+                          image_grid_thw=image_grid_thw, use_cache=True)
+        hidden = out.last_hidden_state[of_row, -1:]
+        if completion_ids.shape[1] > 1:
+            out.cache.reorder_cache(of_row)
+            rest = model.model(input_ids=input_ids[:, prompt_len:-1], attention_mask=attention_mask[:, :-1],
+                               position_ids=positions[:, :, prompt_len:-1], cache=out.cache, use_cache=True)
+            hidden = torch.cat([hidden, rest.last_hidden_state], 1)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = completion_ids.reshape(-1)
     weight, bias = fp32_head(model)
     out = []

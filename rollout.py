@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from model import MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
+from model import ATTENTION_ONLY, MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions, select_rows, special_ids
 
 log = logging.getLogger(__name__)
 
@@ -214,19 +214,19 @@ def decode_step(model, cache, tokens, positions, slot):
 
 def attend(q, k, v, visible, scale):
     """softmax(q·kᵀ · scale, over the visible slots) · v for a step's queries [rows, kv_heads, queries, head_dim].
-    On CUDA, SDPA's fused kernel. Elsewhere two matmuls and an fp32 softmax: at one query per row the fused
-    CPU kernel's fixed cost per call is several times theirs (docs/performance.md)."""
+    On CUDA, SDPA's fused kernel. Elsewhere two matmuls and a softmax in fp32, as the fused kernel computes: at one
+    query per row its fixed cost per call on a CPU is several times theirs (docs/performance.md)."""
     if q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~visible, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale).masked_fill_(~visible, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v.float()).to(v.dtype)
 
 
 def static_cache_fits(model):
     """Whether decode_step computes this model's text layers: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (plain
     grouped-query attention). Qwen3.5's hybrid decoder (linear-attention layers with a recurrent state,
     gated attention) decodes with its own forward and cache: prefill_own / own_decode_step."""
-    return model.config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    return model.config.model_type in ATTENTION_ONLY
 
 
 @dataclass

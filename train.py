@@ -297,9 +297,14 @@ def update(run, batch, optimizer, scheduler):
 
 
 def micro_batches(run, batch):
-    """[(rows, weight)]: rows sorted by completion length (less padding) in chunks of --micro_batch, padded
-    across ranks under FSDP with weight-0 repeats so every rank runs the same number of sharded forwards."""
-    order = batch.rollout.completion_mask.sum(1).argsort().tolist() if batch.rollout else []
+    """[(rows, weight)]: rows in chunks of --micro_batch, a group's rows together (their prompt then runs once:
+    model.score_tokens) and groups sorted by their longest completion (less padding); padded across ranks under
+    FSDP with weight-0 repeats so every rank runs the same number of sharded forwards."""
+    group, length = (batch.rollout.group.tolist(), batch.rollout.completion_mask.sum(1).tolist()) if batch.rollout else ([], [])
+    longest = {}
+    for g, n in zip(group, length):
+        longest[g] = max(longest.get(g, 0), n)
+    order = sorted(range(len(group)), key=lambda r: (longest[group[r]], group[r]))
     jobs = [order[s:s + run.args.micro_batch] for s in range(0, len(order), run.args.micro_batch)]
     return parallel.lockstep(jobs, run.args.fsdp, run.ddp, run.device)
 

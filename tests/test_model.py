@@ -61,6 +61,30 @@ def test_parity_check_detects_swapped_images(tiny):
     assert ((lp - ro.logprobs) * ro.completion_mask).abs().max().item() > 1e-2
 
 
+def test_a_repeated_prompt_runs_once_with_the_same_logprobs_and_gradients(tiny, monkeypatch):
+    """score_tokens' shared prompt (one trunk pass per distinct prompt, its keys and values repeated for the group)
+    gives the log-probs and gradients of scoring every row in full; a question asked of another image is another
+    prompt."""
+    policy = tiny[0]
+    ro = sampled_rollout(tiny)
+    batch = M.build_inputs(tiny[1], tiny[2], [IMAGES[0], IMAGES[1]], [QUESTIONS[0]] * 2)
+    batch.pop("kept")
+    assert M.shared_prompts(ro.prompt) == ([0, 3], [0, 0, 0, 1, 1, 1])
+    assert M.shared_prompts(M.select_rows(batch, [0, 1, 0])) == ([0, 1], [0, 1, 0])   # same text, other image
+    assert M.shared_prompts(M.select_rows(batch, [0, 1])) is None
+
+    def run(share):
+        monkeypatch.setattr(M, "shares_prompts", lambda model: share)
+        policy.zero_grad()
+        lp = M.completion_logprobs(policy, ro.prompt, ro.completion_ids, 1.3, ro.suppress_ids)
+        (lp * ro.completion_mask).sum().backward()
+        return lp.detach() * ro.completion_mask, [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+    (shared, g_shared), (full, g_full) = run(True), run(False)
+    assert torch.allclose(shared, full, atol=1e-5)
+    assert len(g_shared) == len(g_full) and all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_shared, g_full))
+    policy.zero_grad()
+
+
 def test_parity_check_detects_wrong_temperature(tiny):
     ro = sampled_rollout(tiny)
     assert ((score(tiny, ro, temperature=1.0) - ro.logprobs) * ro.completion_mask).abs().max().item() > 1e-2
