@@ -1,4 +1,4 @@
-"""scripts/trl_step.py: time Hugging Face TRL's GRPOTrainer step on a local Qwen2-VL directory, for comparison.
+"""scripts/trl_step.py: time Hugging Face TRL's GRPOTrainer step on a local Qwen2-VL (or Qwen2.5-VL) directory.
 
     /tmp/trl-venv/bin/python scripts/trl_step.py --model out/bench/peer-model --steps 3
     python bench.py --vs_trl /tmp/trl-venv/bin/python      # runs this on the bench's own model and workload
@@ -29,8 +29,12 @@ processing_utils.ProcessorMixin.check_argument_for_proper_class = lambda self, n
 
 import trl  # noqa: E402  (after the class-check patch)
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLProcessor, TrainerCallback  # noqa: E402
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLProcessor,  # noqa: E402
+                          Qwen2VLProcessor, TrainerCallback)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
+
+
+PROCESSORS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}   # both use Qwen2-VL's image processor
 
 
 def parse_args():
@@ -94,13 +98,16 @@ class StepTimes(TrainerCallback):
 def main():
     args = parse_args()
     cuda = torch.cuda.is_available()
+    family = AutoConfig.from_pretrained(args.model).model_type
+    if family not in PROCESSORS:
+        raise SystemExit(f"error: {args.model} is a {family} model; this timing supports {', '.join(PROCESSORS)}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(args.model)
     if args.min_pixels or args.max_pixels:
         size = image_processor.size
         image_processor.size = {"shortest_edge": args.min_pixels or size["shortest_edge"],
                                 "longest_edge": args.max_pixels or size["longest_edge"]}
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+    processor = PROCESSORS[family](image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                  chat_template=tokenizer.chat_template)
     net = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
 
