@@ -7,6 +7,7 @@
     python bench.py --memory                               # bytes per GPU at the paper step's peak (no GPU needed)
     python bench.py --model qwen2-vl-2b --workload paper --lora_rank 64   # that step's measured peak (CUDA)
     python bench.py --compile_vs_eager 16:2048             # ms per decode step, compiled and eager (CPU too)
+    python bench.py --vs_trl /tmp/trl-venv/bin/python      # also TRL's GRPOTrainer step, same model and workload
 
 Workloads (every completion exactly --max_new_tokens long: EOS is ignored, so runs compare):
     small  2 prompts x M = 4, 64 new tokens, one 112x112 image and a short question per prompt, β = 0.04.
@@ -21,9 +22,10 @@ step by batch rows and completion length (flat in length: a static KV cache). On
 figures are also given as a fraction of the memory-bandwidth roofline, and the update as MFU. The
 table compares generations of different lengths, whose caches differ in size (a step attends over its
 whole cache); a second table times single steps early and late in one long generation, where only the
-position differs.
+position differs. With --vs_trl, Hugging Face TRL's GRPOTrainer step is timed on the same model and
+workload (scripts/trl_step.py, run by the given Python of TRL's own environment).
 """
-import argparse, json, os, re, resource, statistics, sys, time
+import argparse, gc, json, os, re, resource, shutil, statistics, subprocess, sys, time
 
 import torch
 from PIL import Image, ImageDraw
@@ -58,7 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--freeze_vision", action="store_true", help="as train.py's flag")
     p.add_argument("--memory", action="store_true",
                    help="print the counted bytes per GPU at the peak, part by part (training/memory.py); exit")
+    p.add_argument("--vs_trl", metavar="PYTHON", default=None, help="also time TRL's GRPOTrainer step on the same "
+                   "model and workload: scripts/trl_step.py run by PYTHON, of an environment with trl installed")
     args = p.parse_args(argv)
+    if args.vs_trl and not shutil.which(args.vs_trl):
+        p.error(f"--vs_trl: {args.vs_trl!r} is not a Python executable that can be run")
+    if args.vs_trl and (args.lora_rank or args.freeze_vision):
+        p.error("--vs_trl compares full fine-tuning steps: drop --lora_rank and --freeze_vision")
     if args.steps < 1:
         p.error(f"--steps must be at least 1 (got {args.steps})")
     if args.decode_table and not re.fullmatch(r"\d+(,\d+)*:\d+(,\d+)*", args.decode_table.replace(" ", "")):
@@ -273,6 +281,41 @@ def time_steps(run, steps):
     return {k: statistics.median(t[k] for t in timed_steps) for k in timed_steps[0]}, batch, results
 
 
+def peer_command(python, run, model, steps):
+    """The command that times TRL's step (scripts/trl_step.py) on this run's model and workload: a model directory
+    as it is, else the run's model saved to <out_dir>/peer-model (for a tiny model the very weights just timed)."""
+    a, size = run.args, run.image_processor.size
+    if not os.path.isdir(model):
+        train.save_pretrained(run, "peer-model")
+        model = os.path.join(a.out_dir, "peer-model")
+    return [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "trl_step.py"),
+            "--model", model, "--prompts_per_step", str(a.prompts_per_step * a.grad_accum),
+            "--num_generations", str(a.num_generations), "--micro_batch", str(a.micro_batch),
+            "--max_new_tokens", str(a.max_new_tokens), "--image", "{}x{}".format(*run.train_set[0]["image"].size),
+            "--min_pixels", str(size["shortest_edge"]), "--max_pixels", str(size["longest_edge"]),
+            "--instruction", M.R1VL_INSTRUCTION, "--beta", str(a.beta), "--temperature", str(a.temperature),
+            "--lr", str(a.lr), "--steps", str(steps), *(["--gradient_checkpointing"] * a.gradient_checkpointing)]
+
+
+def peer_step(command, out_dir):
+    """Run the peer's command with this process's thread count; its JSON line, or one line saying why not (its
+    whole output is kept in <out_dir>/trl_step.log)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+    except OSError as e:
+        raise SystemExit(f"error: --vs_trl: cannot run {command[0]}: {e.strerror or e}")
+    log = os.path.join(out_dir, "trl_step.log")
+    with open(log, "w") as f:
+        f.write(done.stdout + done.stderr)
+    found = [line for line in done.stdout.splitlines() if line.startswith('{"peer"')]
+    if done.returncode or not found:
+        last = ([s.strip() for s in (done.stdout + done.stderr).splitlines() if s.strip()] or ["no output"])[-1]
+        why = f"exited with {done.returncode}" if done.returncode else "printed no result"
+        raise SystemExit(f"error: --vs_trl: the TRL step {why} ({last[:300]}); its whole output: {log}")
+    return json.loads(found[-1])
+
+
 def main():
     sys.stdout.reconfigure(line_buffering=True)   # each table line shows as soon as it is measured
     args = parse_args()
@@ -339,6 +382,18 @@ def main():
         out["compile_vs_eager"] = r = compile_vs_eager(run, rows, slots)
         print(f"decode step, {rows} rows x {slots} slots: eager {r['eager_ms_per_step']:.3f} ms, "
               f"compiled {r['compiled_ms_per_step']:.3f} ms ({r['compiled_vs_eager']:.2f}x)")
+    if args.vs_trl:
+        command = peer_command(args.vs_trl, run, model, args.steps)
+        del run, batch, ro, _                                # the peer gets the device's memory to itself
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        peer = peer_step(command, args.out_dir)
+        out.update(trl_version=peer.get("trl_version"), trl_step_s_median=peer["step_s_median"],
+                   vs_trl_ratio=round(out["step_s_median"] / peer["step_s_median"], 3))
+        print(f"{'trl step s':<34}{peer['step_s_median']:.4f}  (TRL {peer.get('trl_version')}, {peer.get('device')})")
+        print(f"{'ours step s':<34}{out['step_s_median']:.4f}")
+        print(f"{'ratio (ours / trl)':<34}{out['vs_trl_ratio']:.3f}")
     print(json.dumps(out))
 
 
