@@ -27,11 +27,16 @@ def saved_model(folder):
 
 
 @pytest.mark.parametrize("regime", sorted(A.REGIMES))
-def test_every_arm_is_a_train_py_run_with_its_option(regime):
-    args = A.parse_args(["--steps", "7", "--step_credit", "0.25", "--reward_impl", "official"])
+def test_every_arm_is_a_train_py_run_with_its_option_at_the_toy_preset(regime, tmp_path):
+    args = A.parse_args(["--regime", regime, "--warmup", saved_model(tmp_path / "w"), "--steps", "7", "--step_credit",
+                         "0.25", "--reward_impl", "official", "--eval_every", "0"])
+    reg = A.regimes(args)[0]
     for arm in A.ARMS:
-        got = T.parse_args(["--data", "toy", "--out_dir", "x", "--model", "tiny", *A.arm_flags(arm, args),
-                            *A.REGIMES[regime]])
+        got = T.parse_args(["--data", "toy", "--out_dir", "x", *A.preset_flags(), *A.run_flags(reg, arm, 3, args)])
+        # From a warm-up folder as from the tiny model: the toy preset, the regime's temperature, no curves
+        preset = dict(lr=5e-5, prompts_per_step=8, grad_accum=1, max_new_tokens=160, micro_batch=16, sft_batch=32,
+                      temperature=1.0 if regime == "dense" else 1.2, eval_n=0, eval_every=0, seed=3)
+        assert {k: getattr(got, k) for k in preset} == preset, arm
         if arm == "sft":
             assert (got.stage, got.sft_steps, got.sft_lr) == ("sft", 7, 5e-5)
             continue
