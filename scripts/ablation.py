@@ -1,18 +1,25 @@
-"""scripts/ablation.py: the reward ablation of R1-VL (Table 2, Figure 3) replayed on the toy task, in two regimes.
+"""scripts/ablation.py: the reward ablation of R1-VL (Table 2, Figure 3) and a study of train.py's options, on the toy task.
 
     python -m scripts.ablation                        # dense: the default toy task; 5 arms x 3 seeds, 2 runs at a time
     python -m scripts.ablation --regime sparse        # sparse: few sampled answers right, the paper's motivating case
     python -m scripts.ablation --warmup out/warmup --steps 100 --seeds 0 1 --out_dir out/ablation
+    python -m scripts.ablation --study --regime dense sparse late --warmup dense=DIR sparse=DIR late=DIR \
+        --steps 100 --eval_every 0 --eval_n 300        # the options study: 6 arms x 3 regimes x 3 seeds
 
-From one warm-up (`train.py --stage sft`, or --warmup DIR), every arm trains for the same number of steps
-with 32 sequences per step, then is evaluated greedily on one held-out set:
+From one warm-up per regime (`train.py --stage sft`, or --warmup), every arm trains for the same number of steps
+with 32 sequences per step, then is evaluated greedily on one held-out set. The reward ablation (the default arms):
     outcome   GRPO with answer correctness only (the paper's outcome-reward baseline)
     steprar   StepRAR only (Eq. 2)           steprvr   StepRVR only (Eq. 3)
     step      StepRAR + StepRVR (StepGRPO)   sft       continued SFT on the warm-up's paths (control)
-RL arms run `train.py --stage rl --reward ARM` with the toy preset (8 prompts x 4 samples, lr, β); the SFT
-arm runs `train.py --stage sft --sft_steps N` (batch 32) at `--sft_lr`: a small rate, as restarting at the
-warm-up's peak rate (2e-3) throws away what the warm-up learnt. Every model, the warm-up included, is scored
-by `evaluate.py --bench toy` on the same held-out questions (accuracy, format validity = mean StepRVR).
+The options study (--study): outcome and step, and one option of train.py each against sparse rewards:
+    outcome_dynamic   outcome reward, --dynamic_sampling (DAPO: groups all right or all wrong are refilled)
+    step_none         StepGRPO, --adv_scale none (Dr. GRPO: advantages mean-centred, not divided by the std)
+    step_per_reward   StepGRPO, --adv_scale per_reward (GDPO: StepRAR and StepRVR z-scored apart, then summed)
+    step_credit       StepGRPO, --step_credit W (extra credit on matched key steps' tokens; W: --step_credit)
+RL arms run `train.py --stage rl` with their flags (ARMS) and the toy preset (8 prompts x 4 samples, lr, β); the
+SFT arm runs `train.py --stage sft` (batch 32) at `--sft_lr`: a small rate, as restarting at the warm-up's peak
+rate (2e-3) throws away what the warm-up learnt. Every model, the warm-up included, is scored by `evaluate.py
+--bench toy` on the same questions: accuracy, format validity (mean StepRVR), mean key-step match (k of Eq. 2).
 
 Regimes (the flags each adds to every run):
     dense   the default task: level 2, a teacher who slips in half of its paths. The warm-up's sampled
@@ -21,31 +28,72 @@ Regimes (the flags each adds to every run):
             paper's temperature 1.2 (the toy preset samples at 1.0): the warm-up's sampled answers are
             rarely right, so most outcome-reward groups are all-wrong (zero std, no gradient), while its
             samples differ in which counts they get right, which StepRAR's α·k can tell apart.
+    late    level 4 at T = 1.2, a teacher who slips in 3 of 4 paths and late (--teacher_slip late): it counts
+            right and gets the last operation one off. The warm-up gets most key steps right and the answer
+            wrong at the end: high k, sparse outcome reward.
 Before training, `probe` measures that on the warm-up's own samples (step 0): the share of groups with zero
-reward std under each reward kind, sampled accuracy, and the key-step match of the wrong answers.
-During training each run is scored on --curve_n held-out questions every --eval_every steps (train.py
---eval_every), giving accuracy-vs-step curves and the steps each arm needs to reach the warm-up + 5 points.
+reward std under each reward kind, sampled accuracy, and the key-step match of the wrong answers. With
+--eval_every, each run is scored on --curve_n held-out questions every so many steps (accuracy-vs-step curves,
+steps to the warm-up + 5 points). Each run also records its share of zero-std groups over training (with dynamic
+sampling: of the groups trained on, besides the groups dropped and extra prompts drawn) and its wall time.
 
-Finished runs are reused, so an interrupted ablation continues where it stopped; the settings are pinned to
-the folder, so runs made otherwise are never mixed in. `--jobs N` runs N trainings at once with cores/N
-threads each. Writes <out_dir>/results.json and <out_dir>/ablation.png (or --plot), prints a markdown table.
+All runs of all regimes share one pool of `--jobs` workers (warm-ups first), each with cores/N threads. Each
+regime has its own folder (--out_dir; with several regimes DIR/<regime>): finished runs are reused, so an
+interrupted ablation continues where it stopped; the settings are pinned to it, so runs made otherwise are never
+mixed in. Per regime: <folder>/results.json, <folder>/ablation.png (or --plot) and a markdown table; with several
+regimes, a last table of accuracy by arm and regime (scripts/ablation_report.py).
 """
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
+import time
+from types import SimpleNamespace
 
+from scripts import ablation_report
 from training import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: train.py, evaluate.py
-ARMS = ["outcome", "steprar", "steprvr", "step", "sft"]
+RL = ["--stage", "rl", "--max_steps", "{steps}", "--reward_impl", "{reward_impl}"]
+ARMS = {   # arm: (label, its train.py flags after the warm-up's model and the seed; "{x}" = this script's --x)
+    "outcome": ("+ outcome reward (GRPO)", [*RL, "--reward", "outcome"]),
+    "steprar": ("+ StepRAR", [*RL, "--reward", "steprar"]),
+    "steprvr": ("+ StepRVR", [*RL, "--reward", "steprvr"]),
+    "step": ("+ StepRAR + StepRVR (StepGRPO)", [*RL, "--reward", "step"]),
+    "sft": ("+ continued SFT (control)", ["--stage", "sft", "--sft_steps", "{steps}", "--sft_lr", "{sft_lr}"]),
+    "outcome_dynamic": ("+ outcome reward, dynamic sampling (DAPO)", [*RL, "--reward", "outcome", "--dynamic_sampling"]),
+    "step_none": ("+ StepGRPO, mean-centred (Dr. GRPO)", [*RL, "--reward", "step", "--adv_scale", "none"]),
+    "step_per_reward": ("+ StepGRPO, rewards z-scored apart (GDPO)", [*RL, "--reward", "step", "--adv_scale", "per_reward"]),
+    "step_credit": ("+ StepGRPO, per-step credit", [*RL, "--reward", "step", "--step_credit", "{step_credit}"]),
+}
+REWARD_ARMS = ["outcome", "steprar", "steprvr", "step", "sft"]                     # the paper's Table 2
+STUDY_ARMS = ["outcome", "outcome_dynamic", "step", "step_none", "step_per_reward", "step_credit"]   # --study
 KINDS = ["outcome", "steprar", "steprvr", "step"]
-LABELS = {"warmup": "warm-up only", "outcome": "+ outcome reward (GRPO)", "steprar": "+ StepRAR",
-          "steprvr": "+ StepRVR", "step": "+ StepRAR + StepRVR (StepGRPO)", "sft": "+ continued SFT (control)"}
-REGIMES = {"dense": [], "sparse": ["--difficulty", "4", "--teacher_noise", "1.0", "--temperature", "1.2"]}
+LABELS = {"warmup": "warm-up only", **{arm: label for arm, (label, _) in ARMS.items()}}
+REGIMES = {"dense": [], "sparse": ["--difficulty", "4", "--teacher_noise", "1.0", "--temperature", "1.2"],
+           "late": ["--difficulty", "4", "--teacher_noise", "0.75", "--teacher_slip", "late", "--temperature", "1.2"]}
+PROBE_LOCK = threading.Lock()   # probes run in this process, one at a time
+
+
+def arm_flags(arm, args):
+    """The train.py flags of `arm` (ARMS), filled from the script's settings."""
+    return [f.format(**vars(args)) for f in ARMS[arm][1]]
+
+
+@functools.lru_cache
+def preset_flags():
+    """train.py's toy preset of the tiny model (toy.PRESET) as flags, given first to every run (its own flags win).
+    Runs start from a warm-up folder, not a tiny model's name, which train.py would give the preset of pretrained
+    models (toy.PRETRAINED: lr 1e-6, 1 prompt x 4 accumulation, ...): each value either preset sets is given."""
+    import train as T
+    from toy import task as toy
+    tiny = T.parse_args(["--data", "toy"])
+    return [x for k in sorted({*toy.PRESET, *toy.PRETRAINED}) for x in (f"--{k}", str(getattr(tiny, k)))]
 
 
 def run(cmd, log):
@@ -57,34 +105,49 @@ def run(cmd, log):
 
 
 def train(out, *flags):
-    """train.py into `out` unless it already finished there; returns the trained model's folder."""
+    """train.py into `out` unless it already finished there; returns the trained model's folder. The run's wall
+    time is kept in <out>/wall_seconds.json."""
     final = os.path.join(out, "final")
     if not os.path.exists(os.path.join(final, "config.json")):
         os.makedirs(out, exist_ok=True)
-        run([sys.executable, "train.py", "--data", "toy", "--out_dir", out, "--overwrite", *flags],
+        t0 = time.time()
+        run([sys.executable, "train.py", "--data", "toy", "--out_dir", out, "--overwrite", *preset_flags(), *flags],
             os.path.join(out, "train.log"))
+        json.dump(dict(wall_s=round(time.time() - t0, 1)), open(os.path.join(out, "wall_seconds.json"), "w"))
     return final
 
 
-def evaluate(model, name, args):
-    """(accuracy %, format validity %) of `model` on the first `eval_n` held-out toy questions."""
-    out = os.path.join(args.out_dir, "eval", f"{name}.jsonl")
+def evaluate(model, name, reg, args):
+    """(accuracy %, format validity %, mean key-step match) of `model` on the first `eval_n` held-out questions."""
+    out = os.path.join(reg.out_dir, "eval", f"{name}.jsonl")
     summary = out.replace(".jsonl", ".summary.json")
     if not os.path.exists(summary):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         run([sys.executable, "evaluate.py", "--bench", "toy", "--model", model, "--limit", str(args.eval_n),
-             "--difficulty", level(args), "--batch_size", "32", "--max_new_tokens", str(args.max_new_tokens),
+             "--difficulty", reg.level, "--batch_size", "32", "--max_new_tokens", str(args.max_new_tokens),
              "--out", out, "--overwrite"], out.replace(".jsonl", ".log"))
     m = json.load(open(summary))["metrics"]
-    return 100 * m["accuracy"], 100 * m["format_valid"]
+    return 100 * m["accuracy"], 100 * m["format_valid"], key_step_match(out, key_steps(args.eval_n, reg.level))
 
 
-def level(args):
-    flags = REGIMES[args.regime]
-    return flags[flags.index("--difficulty") + 1] if "--difficulty" in flags else "2"
+@functools.lru_cache
+def key_steps(n, level):
+    """{id: key steps} of the first `n` held-out toy questions at `level`, as evaluate.py --bench toy reads them."""
+    from benchmarks import harness
+    return {r["id"]: r["key_steps"] for r in harness.load("toy", toy_n=n, difficulty=int(level))}
 
 
-def probe(warm, args):
+def key_step_match(predictions, steps):
+    """Mean key-step match k (Eq. 2) of evaluate.py's predictions jsonl over the questions in `steps` ({id: key
+    steps}); a question without a prediction counts as k = 0, as it counts as wrong."""
+    from collections import Counter
+    import evaluate as E
+    import rewards
+    preds, _ = E.read_predictions(predictions, Counter(), known=steps)
+    return statistics.mean(rewards.match_key_steps(preds[i], s)[0] if i in preds else 0.0 for i, s in steps.items())
+
+
+def probe(warm, reg, args):
     """The warm-up's own samples at RL step 0 (M = 4 for `prompts` training questions): sampled accuracy, the
     share of groups whose rewards are all equal under each reward kind, and the mean key-step match of the
     samples whose answer is wrong."""
@@ -93,9 +156,9 @@ def probe(warm, args):
     import train as T
     from stepgrpo import group_advantages
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
-    out, prompts = os.path.join(args.out_dir, "probe"), args.probe_n
-    r = T.setup(T.parse_args(["--model", warm, "--stage", "rl", "--data", "toy", "--out_dir", out, "--overwrite",
-                              "--prompts_per_step", str(prompts), "--grad_accum", "1", *REGIMES[args.regime]]))
+    out, prompts = os.path.join(reg.out_dir, "probe"), args.probe_n
+    r = T.setup(T.parse_args(["--model", warm, "--data", "toy", "--out_dir", out, "--overwrite", *preset_flags(),
+                              "--stage", "rl", "--prompts_per_step", str(prompts), "--grad_accum", "1", *reg.flags]))
     batch = T.collect(r, 0)
     texts, m = batch.rollout.texts, r.args.num_generations
     zero = {kind: group_advantages(torch.tensor([rewards.reward(t, s, kind=kind)["total"]
@@ -106,10 +169,9 @@ def probe(warm, args):
                 prompts=prompts, samples=len(texts))
 
 
-def curves(out):
-    """From a run's metrics.jsonl: held-out accuracy by step (RL "eval" rows, SFT "eval_sft" rows), the share of
-    zero-std groups and the sampled key-step match by step (RL only)."""
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+def curves(rows):
+    """From a run's metrics.jsonl rows: held-out accuracy by step (RL "eval" rows, SFT "eval_sft" rows), the share
+    of zero-std groups and the sampled key-step match by step (RL only)."""
     stage = "eval_sft" if any(r["stage"] == "sft" for r in rows) else "eval"
     acc = sorted({r["step"]: 100 * r["accuracy"] for r in rows if r["stage"] == stage}.items())
     rl = [r for r in rows if r["stage"] == "rl"]
@@ -117,58 +179,48 @@ def curves(out):
                 key_step_match=[(r["step"], r["key_step_match"]) for r in rl])
 
 
-def steps_to_gain(curve, gain=5.0):
-    """First step at which held-out accuracy is `gain` points above the curve's start, or None."""
-    return next((s for s, a in curve if s and a >= curve[0][1] + gain), None) if curve else None
+def training_figures(out, rows):
+    """A run's mean share of zero-std groups over its RL steps (None for SFT); with --dynamic_sampling the groups
+    dropped, extra prompts drawn and groups trained unfilled, summed over its steps; its wall time (this script's
+    clock; None for a run finished before it kept one) and train.py's own `seconds` (its last output line)."""
+    rl = [r for r in rows if r["stage"] == "rl"]
+    zero = [r["frac_reward_zero_std"] for r in rl if r.get("frac_reward_zero_std") is not None]
+    dynamic = rl and "ds_groups_dropped" in rl[0] and dict(
+        steps=len(rl), **{n: sum(r[f"ds_{n}"] for r in rl) for n in ("groups_dropped", "prompts_drawn", "groups_unfilled")})
+    wall = os.path.join(out, "wall_seconds.json")
+    return dict(zero_std=statistics.mean(zero) if zero else None, dynamic=dynamic or None,
+                wall_s=json.load(open(wall))["wall_s"] if os.path.exists(wall) else None, train_s=train_seconds(out))
 
 
-def mean_std(xs):
-    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+def train_seconds(out):
+    """train.py's own `seconds`, from its summary (the last JSON line of its output), or None."""
+    for line in reversed(open(os.path.join(out, "train.log")).read().splitlines()):
+        try:
+            return json.loads(line).get("seconds")
+        except (ValueError, AttributeError):
+            continue
 
 
-def mean_of(values):
-    """Mean of the values that are not None, or None."""
-    xs = [x for x in values if x is not None]
-    return statistics.mean(xs) if xs else None
-
-
-def plot(results, path):
-    """Final accuracy per arm (mean ± std, dots = seeds); held-out accuracy vs step; zero-std share vs step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(dict.fromkeys(r["arm"] for r in results))
-    by = {n: [r for r in results if r["arm"] == n] for n in names}
-    has_curves = any(r.get("curves", {}).get("accuracy") for r in results)
-    fig, axes = plt.subplots(1, 3 if has_curves else 1, figsize=(15 if has_curves else 8, 4.4), squeeze=False)
-    ax = axes[0][0]
-    stats = [mean_std([r["accuracy"] for r in by[n]]) for n in names]
-    ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4,
-           color=["grey"] + ["tab:blue"] * (len(names) - 2) + ["tab:orange"])
-    for i, n in enumerate(names):
-        ax.plot([i] * len(by[n]), [r["accuracy"] for r in by[n]], "k.", ms=4)
-    ax.set_xticks(range(len(names)), [LABELS[n].replace(" (", "\n(") for n in names], fontsize=7, rotation=25, ha="right")
-    accs = [r["accuracy"] for r in results]
-    ax.set_ylim(max(0, min(accs) - 10), min(100, max(accs) + 5))
-    ax.set_ylabel("held-out accuracy (%)"), ax.set_title("final accuracy: mean ± std, dots = seeds", fontsize=9)
-    if has_curves:
-        for n in names[1:]:
-            runs = [r["curves"] for r in by[n]]
-            for key, axis in (("accuracy", axes[0][1]), ("zero_std", axes[0][2])):
-                pts = [dict(c[key]) for c in runs if c[key]]
-                steps = sorted(set.intersection(*(set(p) for p in pts))) if pts else []
-                if key == "zero_std" and steps:        # 10-step means: one step sees only 8 groups
-                    steps = steps[9::10]
-                    pts = [{s: statistics.mean(p[t] for t in range(s - 9, s + 1) if t in p) for s in steps} for p in pts]
-                if steps:
-                    axis.plot(steps, [statistics.mean(p[s] for p in pts) for s in steps], label=LABELS[n], marker=".")
-        axes[0][1].set_title("held-out accuracy vs step (mean over seeds)", fontsize=9)
-        axes[0][2].set_title("share of groups with identical rewards (10-step means)", fontsize=9)
-        for axis in axes[0][1:]:
-            axis.set_xlabel("step"), axis.legend(fontsize=6, loc="best", framealpha=0.6)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+def warmups(p, specs, regimes):
+    """{regime: warm-up folder} from --warmup's `REGIME=DIR` items (a plain DIR for a single regime); refuses in one
+    line a regime not run, a regime named twice, and a folder without a saved model."""
+    given = {}
+    for spec in specs or []:
+        name, sep, folder = spec.partition("=")
+        if not sep or os.sep in name:                     # a plain DIR (which may hold "=" itself)
+            if len(regimes) > 1 or len(specs) > 1:
+                p.error(f"--warmup {spec}: with several regimes name each one's warm-up, as REGIME=DIR")
+            name, folder = regimes[0], spec
+        elif name not in REGIMES:
+            p.error(f"--warmup {spec}: {name!r} is not a regime ({', '.join(sorted(REGIMES))})")
+        elif name not in regimes:
+            p.error(f"--warmup {spec}: {name} is not among --regime {' '.join(regimes)}")
+        if name in given:
+            p.error(f"--warmup names two warm-ups for {name}")
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            p.error(f"--warmup {spec}: no config.json in {folder}; pass the folder a model was saved to (e.g. its final/)")
+        given[name] = os.path.abspath(folder)
+    return given
 
 
 def check(p, a):
@@ -180,20 +232,34 @@ def check(p, a):
         p.error(f"--eval_every must be 0 (no curves) or more (got {a.eval_every})")
     if not a.sft_lr > 0:
         p.error(f"--sft_lr must be above 0 (got {a.sft_lr})")
+    if not a.step_credit > 0:
+        p.error(f"--step_credit must be above 0 (got {a.step_credit}): at 0 the step_credit arm is the step arm")
     if a.teacher_noise is not None and not 0 <= a.teacher_noise <= 1:
         p.error(f"--teacher_noise is a share of the warm-up paths: it must be in [0, 1] (got {a.teacher_noise})")
     if len(set(a.seeds)) < len(a.seeds):
         p.error(f"--seeds repeats a seed (got {a.seeds}): each run would be done twice")
+    for name in ("regime", "arms"):
+        if len(set(getattr(a, name) or [])) < len(getattr(a, name) or []):
+            p.error(f"--{name} names one twice (got {' '.join(getattr(a, name))})")
+    if a.study and a.arms:
+        p.error("--study runs the options study's arms: drop --arms, or drop --study and list them in --arms")
+    if a.plot and len(a.regime) > 1:
+        p.error("--plot names one chart: with several regimes each is written beside its results.json")
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=flags.ShowDefaults)
-    p.add_argument("--regime", default="dense", choices=sorted(REGIMES), help="the toy task's reward density")
-    p.add_argument("--warmup", help="warm-up model folder (default: run train.py --stage sft once)")
-    p.add_argument("--out_dir", default=None, help="runs, evaluations, results.json (default out/ablation-<regime>)")
+    p.add_argument("--regime", nargs="+", default=["dense"], choices=sorted(REGIMES),
+                   help="the toy task's reward density; several share one pool of --jobs")
+    p.add_argument("--warmup", nargs="+", metavar="[REGIME=]DIR",
+                   help="warm-up model folder per regime (default: run train.py --stage sft once per regime)")
+    p.add_argument("--out_dir", default=None, help="runs, evaluations, results.json (default out/ablation-<regime>; "
+                                                   "with several regimes DIR/<regime>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per arm and seed")
     p.add_argument("--steps", type=int, default=150, help="RL steps, and continued-SFT steps, per run")
-    p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS, help="arms to run")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), help=f"arms to run (default: {' '.join(REWARD_ARMS)})")
+    p.add_argument("--study", action="store_true", help=f"the options study's arms: {' '.join(STUDY_ARMS)}")
+    p.add_argument("--step_credit", type=float, default=0.5, help="train.py --step_credit of the step_credit arm")
     p.add_argument("--reward_impl", default="paper", choices=["paper", "official"], help="train.py --reward_impl")
     p.add_argument("--sft_lr", type=float, default=5e-5, help="peak lr of the continued-SFT arm")
     p.add_argument("--teacher_noise", type=float, help="the warm-up's and SFT arm's paths miscount (default: regime's)")
@@ -203,69 +269,112 @@ def main():
     p.add_argument("--curve_n", type=int, default=200, help="held-out questions per curve point")
     p.add_argument("--max_new_tokens", type=int, default=160, help="generation budget of the evaluation")
     p.add_argument("--probe_n", type=int, default=64, help="training questions sampled (x4) from the warm-up at step 0")
-    p.add_argument("--plot", help="chart path (default: <out_dir>/ablation.png)")
-    args = p.parse_args()
+    p.add_argument("--plot", help="chart path, one regime only (default: <out_dir>/ablation.png)")
+    args = p.parse_args(argv)
     check(p, args)
-    args.out_dir = os.path.abspath(args.out_dir or os.path.join("out", f"ablation-{args.regime}"))
-    args.plot = args.plot or os.path.join(args.out_dir, "ablation.png")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it
-    # Finished runs are reused, so they must come from the same settings: pin them to the folder.
-    setup = dict(regime=args.regime, warmup=args.warmup and os.path.abspath(args.warmup), steps=args.steps,
-                 sft_lr=args.sft_lr, eval_n=args.eval_n, max_new_tokens=args.max_new_tokens,
-                 teacher_noise=args.teacher_noise, reward_impl=args.reward_impl, eval_every=args.eval_every,
-                 curve_n=args.curve_n)
-    regime = REGIMES[args.regime] + ([] if args.teacher_noise is None else ["--teacher_noise", str(args.teacher_noise)])
-    curve = ["--eval_every", str(args.eval_every), "--eval_n", str(args.curve_n)] if args.eval_every else ["--eval_n", "0"]
-    pinned = os.path.join(args.out_dir, "setup.json")
-    if os.path.exists(pinned) and json.load(open(pinned)) != setup:
-        sys.exit(f"{args.out_dir} holds runs made with {json.load(open(pinned))}, not {setup}: use another --out_dir")
-    os.makedirs(args.out_dir, exist_ok=True)
+    args.warmups = warmups(p, args.warmup, args.regime)
+    args.arms = STUDY_ARMS if args.study else args.arms or REWARD_ARMS
+    return args
+
+
+def regimes(args):
+    """Per regime: its name, folder, chart, run flags, toy level and warm-up (None: trained here)."""
+    regs = []
+    for name in args.regime:
+        out = (args.out_dir if len(args.regime) == 1 else os.path.join(args.out_dir, name)) if args.out_dir else \
+            os.path.join("out", f"ablation-{name}")
+        fl = REGIMES[name] + ([] if args.teacher_noise is None else ["--teacher_noise", str(args.teacher_noise)])
+        regs.append(SimpleNamespace(name=name, out_dir=os.path.abspath(out), flags=fl, warmup=args.warmups.get(name),
+                                    level=fl[fl.index("--difficulty") + 1] if "--difficulty" in fl else "2",
+                                    plot=args.plot or os.path.join(os.path.abspath(out), "ablation.png")))
+    return regs
+
+
+def pin(reg, args):
+    """Finished runs are reused, so they must come from the same settings: pin them to the regime's folder. A pin
+    written before a setting existed lacks it (and holds no run that used it)."""
+    setup = dict(regime=reg.name, warmup=reg.warmup, steps=args.steps, sft_lr=args.sft_lr, eval_n=args.eval_n,
+                 max_new_tokens=args.max_new_tokens, teacher_noise=args.teacher_noise, reward_impl=args.reward_impl,
+                 eval_every=args.eval_every, curve_n=args.curve_n, step_credit=args.step_credit)
+    pinned = os.path.join(reg.out_dir, "setup.json")
+    if os.path.exists(pinned) and {**setup, **json.load(open(pinned))} != setup:
+        sys.exit(f"{reg.out_dir} holds runs made with {json.load(open(pinned))}, not {setup}: use another --out_dir")
+    os.makedirs(reg.out_dir, exist_ok=True)
     json.dump(setup, open(pinned, "w"))
-    warm = os.path.abspath(args.warmup) if args.warmup else train(os.path.join(args.out_dir, "warmup"), "--stage", "sft",
-                                                                    "--eval_n", "0", *regime)
-    step0 = probe(warm, args)
-    print(f"step 0 ({args.regime}): sampled accuracy {step0['sampled_accuracy']:.3f}; groups with zero reward std: "
+    return setup
+
+
+def baseline(reg, args):
+    """The warm-up at step 0: its probe (one at a time, in this process) and its held-out scores."""
+    with PROBE_LOCK:
+        step0 = probe(reg.warmup, reg, args)
+    print(f"step 0 ({reg.name}): sampled accuracy {step0['sampled_accuracy']:.3f}; groups with zero reward std: "
           + ", ".join(f"{k} {v:.2f}" for k, v in step0["frac_reward_zero_std"].items())
           + f"; key-step match of wrong answers {step0['key_step_match_wrong']}", flush=True)
-    results = [dict(arm="warmup", seed=None, steps=0, **dict(zip(("accuracy", "format"), evaluate(warm, "warmup", args))))]
+    acc, fmt, ksm = evaluate(reg.warmup, "warmup", reg, args)
+    return step0, dict(arm="warmup", seed=None, steps=0, accuracy=acc, format=fmt, key_step_match=ksm)
 
-    def arm_run(arm, seed):
-        out = os.path.join(args.out_dir, f"{arm}_seed{seed}")
-        if arm == "sft":
-            model = train(out, "--model", warm, "--stage", "sft", "--sft_steps", str(args.steps), "--seed", str(seed),
-                          "--sft_lr", str(args.sft_lr), *regime, *curve)
-        else:
-            model = train(out, "--model", warm, "--stage", "rl", "--reward", arm, "--max_steps", str(args.steps),
-                          "--seed", str(seed), "--reward_impl", args.reward_impl, *regime, *curve)
-        acc, fmt = evaluate(model, f"{arm}_seed{seed}", args)
-        print(f"{arm:8s} seed {seed}: accuracy {acc:.1f} %, format {fmt:.1f} %", flush=True)
-        return dict(arm=arm, seed=seed, steps=args.steps, accuracy=acc, format=fmt, curves=curves(out))
 
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on subprocesses
-        results += list(pool.map(lambda a_s: arm_run(*a_s), [(a, s) for s in args.seeds for a in args.arms]))
-    json.dump(dict(setup, warmup=warm, seeds=args.seeds, step0=step0, runs=results),
-              open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
+def run_flags(reg, arm, seed, args):
+    """train.py's flags (after the toy preset's) of one arm's run from the regime's warm-up."""
+    curve = ["--eval_every", str(args.eval_every), "--eval_n", str(args.curve_n)] if args.eval_every else ["--eval_n", "0"]
+    return ["--model", reg.warmup, "--seed", str(seed), *arm_flags(arm, args), *reg.flags, *curve]
 
-    print(f"\nHeld-out toy accuracy ({args.regime} regime), {args.eval_n} questions, greedy; {args.steps} steps per arm, "
-          f"seeds {args.seeds}\n")
-    print("| arm | accuracy % (mean ± std) | Δ vs warm-up | format valid % | steps to warm-up + 5 | zero-std groups "
-          "| key-step match, first → last 10 steps | seeds |\n|---|---|---|---|---|---|---|---|")
-    base = results[0]["accuracy"]
-    for name in ["warmup", *args.arms]:
-        rs = [r for r in results if r["arm"] == name]
-        m, s = mean_std([r["accuracy"] for r in rs])
-        cv = [r.get("curves", {}) for r in rs]
-        reach = [steps_to_gain(c.get("accuracy")) for c in cv]
-        reached = f"{mean_of(reach):.0f} ({sum(x is not None for x in reach)}/{len(reach)} seeds)" if any(reach) else "–"
-        zero = mean_of([statistics.mean(v for _, v in c["zero_std"]) for c in cv if c.get("zero_std")])
-        ksm = [c["key_step_match"] for c in cv if c.get("key_step_match")]
-        first_last = (f"{statistics.mean(statistics.mean(v for _, v in k[:10]) for k in ksm):.2f} → "
-                      f"{statistics.mean(statistics.mean(v for _, v in k[-10:]) for k in ksm):.2f}") if ksm else "–"
-        print(f"| {LABELS[name]} | {m:.1f} ± {s:.1f} | {m - base:+.1f} | {statistics.mean(r['format'] for r in rs):.1f} "
-              f"| {reached if name != 'warmup' else '–'} | {f'{zero:.2f}' if zero is not None else '–'} | {first_last} "
-              f"| {', '.join(format(r['accuracy'], '.1f') for r in rs)} |")
-    plot(results, args.plot)
-    print(f"\nresults: {os.path.join(args.out_dir, 'results.json')}; chart: {args.plot}")
+
+def arm_run(reg, arm, seed, args):
+    """One arm's training from the regime's warm-up, its held-out scores and its training figures."""
+    out = os.path.join(reg.out_dir, f"{arm}_seed{seed}")
+    model = train(out, *run_flags(reg, arm, seed, args))
+    acc, fmt, ksm = evaluate(model, f"{arm}_seed{seed}", reg, args)
+    print(f"{reg.name} {arm:15s} seed {seed}: accuracy {acc:.1f} %, format {fmt:.1f} %, key-step match {ksm:.2f}", flush=True)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return dict(arm=arm, seed=seed, steps=args.steps, accuracy=acc, format=fmt, key_step_match=ksm,
+                **training_figures(out, rows), curves=curves(rows))
+
+
+def run_all(regs, args):
+    """Every run of every regime through one pool of --jobs workers: the warm-ups to train first, then each
+    regime's probe, warm-up score and arms once its warm-up is there. {(regime, arm, seed): result}; the
+    warm-up's key is (regime, "warmup", None). A failed run stops the queue (runs under way finish)."""
+    tasks = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:   # threads only wait on subprocesses
+        def start(reg):
+            tasks[reg.name, "warmup", None] = pool.submit(baseline, reg, args)
+            for seed in args.seeds:
+                for arm in args.arms:
+                    tasks[reg.name, arm, seed] = pool.submit(arm_run, reg, arm, seed, args)
+        try:
+            warming = {pool.submit(train, os.path.join(reg.out_dir, "warmup"), "--stage", "sft", "--eval_n", "0",
+                                   *reg.flags): reg for reg in regs if not reg.warmup}
+            for reg in regs:
+                if reg.warmup:
+                    start(reg)
+            for done in concurrent.futures.as_completed(warming):
+                warming[done].warmup = done.result()
+                start(warming[done])
+            return {key: task.result() for key, task in tasks.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it
+    regs, _ = regimes(args), preset_flags()        # train.py's preset read once, before the pool's threads
+    setups = {reg.name: pin(reg, args) for reg in regs}
+    done = run_all(regs, args)
+    by_regime = {}
+    for reg in regs:
+        step0, warm = done[reg.name, "warmup", None]
+        runs = by_regime[reg.name] = [warm] + [done[reg.name, a, s] for s in args.seeds for a in args.arms]
+        json.dump(dict(setups[reg.name], warmup=reg.warmup, arms=args.arms, seeds=args.seeds, step0=step0, runs=runs),
+                  open(os.path.join(reg.out_dir, "results.json"), "w"), indent=1)
+        ablation_report.report(reg, args, runs, LABELS)
+        ablation_report.plot(runs, reg.plot, LABELS)
+        print(f"\nresults: {os.path.join(reg.out_dir, 'results.json')}; chart: {reg.plot}")
+    if len(regs) > 1:
+        ablation_report.combined(regs, args, by_regime, LABELS)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,13 @@ def test_ablation_runs_every_arm_from_one_warmup(warm, tmp_path):
     results = json.load(open(tmp_path / "results.json"))
     runs = results["runs"]
     assert [r["arm"] for r in runs] == ["warmup", "outcome", "steprar", "steprvr", "step", "sft"]
-    assert all(0 <= r["accuracy"] <= 100 and 0 <= r["format"] <= 100 for r in runs)
+    assert all(0 <= r["accuracy"] <= 100 and 0 <= r["format"] <= 100 and 0 <= r["key_step_match"] <= 1 for r in runs)
+    assert all(r["wall_s"] > 0 and r["train_s"] > 0 for r in runs[1:])              # each run's training time
+    assert all(0 <= r["zero_std"] <= 1 for r in runs[1:5]) and runs[5]["zero_std"] is None   # RL arms; SFT has none
     assert all([s for s, _ in r["curves"]["accuracy"]] == [0, 1] for r in runs[1:])      # warm-up, then each step
     assert set(results["step0"]["frac_reward_zero_std"]) == {"outcome", "steprar", "steprvr", "step"}
     assert "| + StepRAR + StepRVR (StepGRPO) |" in res.stdout and "groups with zero reward std" in res.stdout
+    assert "| held-out key-step match | zero-std groups |" in res.stdout
     assert (tmp_path / "ablation.png").exists()                                 # into out_dir, not assets/
     assert max(r["lr"] for r in metrics(tmp_path / "sft_seed0", "sft")) <= 5e-5   # the control's small lr
     other = ablation("--steps", "2")             # runs made under other settings are never mixed in
