@@ -338,17 +338,17 @@ def run_all(regs, args):
     warm-up's key is (regime, "warmup", None). A failed run stops the queue (runs under way finish)."""
     tasks = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:   # threads only wait on subprocesses
-        def start(reg):
-            tasks[reg.name, "warmup", None] = pool.submit(baseline, reg, args)
+        def start(*ready):   # seed by seed across regimes: a study cut short holds whole seeds
+            for reg in ready:
+                tasks[reg.name, "warmup", None] = pool.submit(baseline, reg, args)
             for seed in args.seeds:
-                for arm in args.arms:
-                    tasks[reg.name, arm, seed] = pool.submit(arm_run, reg, arm, seed, args)
+                for reg in ready:
+                    for arm in args.arms:
+                        tasks[reg.name, arm, seed] = pool.submit(arm_run, reg, arm, seed, args)
         try:
             warming = {pool.submit(train, os.path.join(reg.out_dir, "warmup"), "--stage", "sft", "--eval_n", "0",
                                    *reg.flags): reg for reg in regs if not reg.warmup}
-            for reg in regs:
-                if reg.warmup:
-                    start(reg)
+            start(*[reg for reg in regs if reg.warmup])
             for done in concurrent.futures.as_completed(warming):
                 warming[done].warmup = done.result()
                 start(warming[done])
