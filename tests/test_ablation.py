@@ -47,10 +47,10 @@ def test_every_arm_is_a_train_py_run_with_its_option_at_the_toy_preset(regime, t
         assert {k: getattr(got, k) for k in want} == want, arm
 
 
-def test_the_late_regime_is_level_4_with_a_late_slipping_teacher():
+def test_the_late_regime_is_level_2_with_a_late_slipping_teacher():
     got = T.parse_args(["--data", "toy", "--out_dir", "x", *A.REGIMES["late"]])
-    assert (got.difficulty, got.teacher_noise, got.teacher_slip, got.temperature) == (4, 0.75, "late", 1.2)
-    assert A.regimes(A.parse_args(["--regime", "late"]))[0].level == "4"
+    assert (got.difficulty, got.teacher_noise, got.teacher_slip, got.temperature) == (2, 0.75, "late", 1.2)
+    assert A.regimes(A.parse_args(["--regime", "late"]))[0].level == "2"
 
 
 def test_the_study_runs_the_options_and_the_default_the_reward_ablation(capsys):
