@@ -22,7 +22,8 @@ def test_counted_update_peak_matches_the_measured_cpu_peak(checkpointing):
     if checkpointing:
         net.activation_checkpointing_enable({"use_reentrant": False})
     rows, completion = 2, 64
-    batch = M.build_inputs(tokenizer, image_processor, [Image.new("RGB", (224, 168), "white")] * rows, ["How many?"] * rows)
+    images = [Image.new("RGB", (224, 168), colour) for colour in ("white", "black")]   # distinct prompts: each row in full
+    batch = M.build_inputs(tokenizer, image_processor, images, ["How many?"] * rows)
     batch.pop("kept")
     ids = torch.randint(10, 600, (rows, completion))
 
