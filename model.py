@@ -257,15 +257,18 @@ def shared_prompts(batch):
     """(first row of each distinct prompt, index of each row's prompt among those) when rows repeat a prompt, as
     the M samples of a group do (same tokens, mask and pixels); None when every prompt is distinct."""
     ids, mask = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
-    blocks, offsets = image_blocks(batch) if batch["image_grid_thw"] is not None else ([[]] * len(ids), [])
-    pixels = [[batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in row] for row in blocks]
-    same = lambda r, f: ids[r] == ids[f] and mask[r] == mask[f] and len(blocks[r]) == len(blocks[f]) and all(  # noqa: E731
-        torch.equal(a, b) for a, b in zip(pixels[r], pixels[f]))
+    images = [[] for _ in ids]
+    if batch["image_grid_thw"] is not None:
+        blocks, offsets = image_blocks(batch)
+        images = [[batch["pixel_values"][offsets[b]:offsets[b + 1]] for b in row] for row in blocks]
+
+    def same(r, f):   # equal tokens give equal runs of image tokens: as many images
+        return ids[r] == ids[f] and mask[r] == mask[f] and all(map(torch.equal, images[r], images[f]))
     first, of_row = [], []
     for r in range(len(ids)):
-        u = next((u for u, f in enumerate(first) if same(r, f)), None)
-        of_row.append(len(first) if u is None else u)
-        first += [r] if u is None else []
+        u = next((u for u, f in enumerate(first) if same(r, f)), len(first))
+        first += [r] if u == len(first) else []
+        of_row.append(u)
     return None if len(first) == len(ids) else (first, of_row)
 
 
@@ -285,14 +288,14 @@ def rope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_gr
 
 
 def completion_logprobs(model, batch, completion_ids, temperature=1.0, suppress_ids=None, chunk_size=256):
-    """log π(o_t | q, o_<t) for every completion token, shape [B, T], from one teacher-forced forward.
+    """log π(o_t | q, o_<t) for every completion token, shape [B, T], teacher-forced (a prompt that rows repeat
+    runs once: score_tokens).
 
     The logits are divided by the sampling temperature, and `suppress_ids` (tokens the sampler may
     never emit) are removed from the softmax, so these are the log-probs of the distribution that
     was actually sampled. Only completion positions reach the LM head, in row chunks of fp32
     log-softmax, each checkpointed under autograd so no full-vocabulary activation is kept.
-    Positions are explicit and the cache is off, so no `rope_deltas` left by an earlier
-    `generate` can shift them.
+    Positions are explicit, so no `rope_deltas` left by an earlier `generate` can shift them.
     """
     input_ids = torch.cat([batch["input_ids"], completion_ids], 1)
     attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(completion_ids)], 1)
