@@ -22,10 +22,10 @@ import argparse, dataclasses, json, math, os, signal, sys, time
 import torch
 from tqdm import tqdm
 
-import model as M, rewards
+import model as M, rewards, rollout
 from stepgrpo import policy_loss, sampling_mismatch, scaled_advantages
 from grading import official_rewards
-from qwen.tiny import TINY_MODELS
+from qwen.tiny import is_tiny
 from benchmarks import harness
 from toy import task as toy
 from training import checkpoint, credit, data, dynamic, flags, heldout, logs, lora, parallel
@@ -91,9 +91,9 @@ def parse_args(argv=None):
     lora.add_flags(p)
     known, _ = p.parse_known_args(argv)
     if known.data == "toy":
-        p.set_defaults(**(toy.PRESET if known.model in TINY_MODELS else toy.PRETRAINED))
+        p.set_defaults(**(toy.PRESET if is_tiny(known.model) else toy.PRETRAINED))   # a tiny model's folder too
     if known.lora_rank:                             # LoRA's learning rates (training/lora.py, toy/task.py)
-        p.set_defaults(**(toy.LORA_PRESET if known.data == "toy" and known.model in TINY_MODELS else lora.RATES))
+        p.set_defaults(**(toy.LORA_PRESET if known.data == "toy" and is_tiny(known.model) else lora.RATES))
     args = p.parse_args(argv)
     flags.check(p, args)
     return args
@@ -139,7 +139,7 @@ def optimizer_step(run, optimizer, scheduler, loss_value):
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     if run.sampler is not run.policy:
-        M.refresh_inference_copy(run.sampler, run.policy)
+        rollout.refresh_inference_copy(run.sampler, run.policy)
     return norm
 
 
@@ -320,7 +320,7 @@ def load_reference(run):
     if compute_dtype(run.args, run.device) == torch.bfloat16 and not run.args.fsdp:
         # autocast casts every matmul weight to bf16 anyway: kept cast (the sampling copy's layout), the
         # reference computes the same bits in half the memory; under FSDP it stays sharded in fp32 instead.
-        net = M.inference_copy(net, torch.bfloat16)
+        net = rollout.inference_copy(net, torch.bfloat16)
     return net.eval().requires_grad_(False)
 
 

@@ -7,7 +7,7 @@ A tiny model is a real architecture of its family (`families.random_init`) with 
 merged visual token each. The tokenizer is a byte-level BPE trained here on the toy task's
 vocabulary, with Qwen's special tokens and the prompt's fixed text as whole tokens.
 """
-import functools
+import functools, json, os
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -28,6 +28,21 @@ TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-
 def builder(name):
     """What `model.load(name, build=...)` builds for a tiny model's name; None for any other name (a checkpoint)."""
     return functools.partial(load_tiny, family=TINY_MODELS[name]) if name in TINY_MODELS else None
+
+
+def is_tiny(name):
+    """Whether `name` is a tiny model: one by name, or a folder a tiny model was saved to (a run's warmup/ or final/),
+    known by its config's text trunk (TINY's width, depth and MLP: no released Qwen model is that small)."""
+    if name in TINY_MODELS:
+        return True
+    try:
+        with open(os.path.join(os.path.expanduser(name), "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    text = config.get("text_config") or config
+    return isinstance(text, dict) and [text.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size")] == [
+        TINY["hidden"], TINY["text_layers"], TINY["mlp"]]
 
 # Qwen3-VL's and Qwen3.5's chat formats (the released templates, reduced to what the prompts here use): no
 # default system turn; Qwen3.5 thinks unless told not to, and then closes an empty think block in the prompt.

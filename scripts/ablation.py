@@ -86,17 +86,6 @@ def arm_flags(arm, args):
     return [f.format(**vars(args)) for f in ARMS[arm][1]]
 
 
-@functools.lru_cache
-def preset_flags():
-    """train.py's toy preset of the tiny model (toy.PRESET) as flags, given first to every run (its own flags win).
-    Runs start from a warm-up folder, not a tiny model's name, which train.py would give the preset of pretrained
-    models (toy.PRETRAINED: lr 1e-6, 1 prompt x 4 accumulation, ...): each value either preset sets is given."""
-    import train as T
-    from toy import task as toy
-    tiny = T.parse_args(["--data", "toy"])
-    return [x for k in sorted({*toy.PRESET, *toy.PRETRAINED}) for x in (f"--{k}", str(getattr(tiny, k)))]
-
-
 def run(cmd, log):
     """Run a command from the repo root, its output to `log`; fail loudly with the log's tail."""
     with open(log, "w") as f:
@@ -112,7 +101,7 @@ def train(out, *flags):
     if not os.path.exists(os.path.join(final, "config.json")):
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
-        run([sys.executable, "train.py", "--data", "toy", "--out_dir", out, "--overwrite", *preset_flags(), *flags],
+        run([sys.executable, "train.py", "--data", "toy", "--out_dir", out, "--overwrite", *flags],
             os.path.join(out, "train.log"))
         json.dump(dict(wall_s=round(time.time() - t0, 1)), open(os.path.join(out, "wall_seconds.json"), "w"))
     return final
@@ -158,7 +147,7 @@ def probe(warm, reg, args):
     from stepgrpo import group_advantages
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     out, prompts = os.path.join(reg.out_dir, "probe"), args.probe_n
-    r = T.setup(T.parse_args(["--model", warm, "--data", "toy", "--out_dir", out, "--overwrite", *preset_flags(),
+    r = T.setup(T.parse_args(["--model", warm, "--data", "toy", "--out_dir", out, "--overwrite",
                               "--stage", "rl", "--prompts_per_step", str(prompts), "--grad_accum", "1", *reg.flags]))
     batch = T.collect(r, 0)
     texts, m = batch.rollout.texts, r.args.num_generations
@@ -317,7 +306,7 @@ def baseline(reg, args):
 
 
 def run_flags(reg, arm, seed, args):
-    """train.py's flags (after the toy preset's) of one arm's run from the regime's warm-up."""
+    """train.py's flags of one arm's run from the regime's warm-up (a tiny model's folder: the toy preset)."""
     curve = ["--eval_every", str(args.eval_every), "--eval_n", str(args.curve_n)] if args.eval_every else ["--eval_n", "0"]
     return ["--model", reg.warmup, "--seed", str(seed), *arm_flags(arm, args), *reg.flags, *curve]
 
@@ -362,7 +351,7 @@ def run_all(regs, args):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))  # runs inherit it
-    regs, _ = regimes(args), preset_flags()        # train.py's preset read once, before the pool's threads
+    regs = regimes(args)
     setups = {reg.name: pin(reg, args) for reg in regs}
     done = run_all(regs, args)
     by_regime = {}

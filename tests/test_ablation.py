@@ -22,7 +22,8 @@ def refusal(argv, capsys):
 
 def saved_model(folder):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps(dict(text_config=dict(hidden_size=192, num_hidden_layers=4,
+                                                                          intermediate_size=384))))
     return str(folder)
 
 
@@ -32,7 +33,7 @@ def test_every_arm_is_a_train_py_run_with_its_option_at_the_toy_preset(regime, t
                          "0.25", "--reward_impl", "official", "--eval_every", "0"])
     reg = A.regimes(args)[0]
     for arm in A.ARMS:
-        got = T.parse_args(["--data", "toy", "--out_dir", "x", *A.preset_flags(), *A.run_flags(reg, arm, 3, args)])
+        got = T.parse_args(["--data", "toy", "--out_dir", "x", *A.run_flags(reg, arm, 3, args)])
         # From a warm-up folder as from the tiny model: the toy preset, the regime's temperature, no curves
         preset = dict(lr=5e-5, prompts_per_step=8, grad_accum=1, max_new_tokens=160, micro_batch=16, sft_batch=32,
                       temperature=1.0 if regime == "dense" else 1.2, eval_n=0, eval_every=0, seed=3)

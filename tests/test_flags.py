@@ -7,7 +7,9 @@ import pytest
 import bench
 import evaluate
 import train as T
+from qwen import tiny
 from scripts import ablation
+from toy import task as toy
 
 
 def refusal(parse, argv, capsys):
@@ -102,3 +104,15 @@ def test_help_shows_each_default_once(parse, capsys, monkeypatch):
 def test_eval_n_0_turns_off_a_presets_held_out_evaluation(tmp_path):
     args = T.parse_args(["--model", str(tmp_path), "--eval_n", "0"])      # a pretrained model: its preset evaluates
     assert args.eval_every == 200 and args.eval_n == 0
+
+
+def test_a_folder_a_tiny_model_was_saved_to_gets_the_tiny_models_preset(tmp_path):
+    """A run from a tiny model's warm-up folder trains at the toy preset, as from the tiny model's name."""
+    tiny.load_tiny()[0].config.save_pretrained(tmp_path / "warmup")
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text('{"text_config": {"hidden_size": 1536, "num_hidden_layers": 28}}')
+    by_name = T.parse_args(["--model", "tiny"])
+    for folder, preset in (("warmup", toy.PRESET), ("big", toy.PRETRAINED), ("absent", toy.PRETRAINED)):
+        args = T.parse_args(["--model", str(tmp_path / folder)])
+        assert {k: getattr(args, k) for k in preset} == preset, folder
+        assert (args.lr == by_name.lr) == (preset is toy.PRESET), folder

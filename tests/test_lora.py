@@ -185,8 +185,8 @@ def test_freeze_vision_keeps_the_vision_tower_bit_identical_through_both_stages(
 
 
 def test_a_pretrained_model_on_the_toy_task_gets_the_pretrained_preset(tmp_path):
-    net, tokenizer, image_processor = tiny.load_tiny()
-    for part in (net, tokenizer, image_processor):               # stands in for a hub checkpoint
+    net, tokenizer, image_processor = tiny.load_tiny(mlp=320)     # not the tiny shape: stands in for a hub checkpoint
+    for part in (net, tokenizer, image_processor):
         part.save_pretrained(tmp_path / "model")
     args = T.parse_args(["--model", str(tmp_path / "model"), "--out_dir", str(tmp_path / "out")])
     assert all(getattr(args, k) == v for k, v in toy.PRETRAINED.items())

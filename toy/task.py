@@ -32,7 +32,7 @@ PRESET = dict(stage="both", sft_steps=600, sft_batch=32, sft_lr=2e-3, teacher_no
 # before the warm-up and after StepGRPO. A pretrained model's first replies are longer than the toy paths.
 PRETRAINED = dict(stage="both", sft_steps=200, sft_batch=8, teacher_noise=0.5, max_steps=100,
                   max_new_tokens=256, eval_n=200, eval_every=200, save_every=50)
-PRESETS = {"tiny models": PRESET, "any other model": PRETRAINED}
+PRESETS = {"a tiny model, or a folder one was saved to": PRESET, "any other model": PRETRAINED}
 # A tiny model with --lora_rank: LoRA's rates, measured on this task (docs/real-models.md), and a lower sampling
 # temperature. The tiny model's LM head (tied to its random embeddings) and final norm stay frozen under LoRA, which
 # caps every token's probability at about 7 % at T = 1 (full fine-tuning trains them): at T = 1 its samples are
