@@ -316,8 +316,7 @@ def shares_prompts(model):
     """Whether score_tokens may run a repeated prompt once: decoders whose cache is keys and values (not Qwen3.5's
     recurrent state), without activation checkpointing (which runs the layers without a cache), and not under FSDP,
     whose ranks must run the same sharded forwards whichever of their rows repeat a prompt."""
-    return model.config.model_type in ATTENTION_ONLY and not isinstance(model, FSDPModule) and not any(
-        getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
+    return model.config.model_type in ATTENTION_ONLY and not isinstance(model, FSDPModule) and not model.is_activation_checkpointing
 
 
 def score_tokens(model, input_ids, attention_mask, positions, pixel_values, image_grid_thw, completion_ids,

@@ -211,8 +211,8 @@ def test_lora_rates_are_set_by_lora_rank_unless_given(tmp_path, capsys):
     tiny_lora = T.parse_args(["--lora_rank", "16"])
     assert all(getattr(tiny_lora, k) == v for k, v in toy.LORA_PRESET.items()) and tiny_lora.temperature < 1
     assert T.parse_args(["--lora_rank", "16", "--lr", "1e-3"]).lr == 1e-3 and T.parse_args([]).lr == toy.PRESET["lr"]
-    net, tokenizer, image_processor = tiny.load_tiny()
-    for part in (net, tokenizer, image_processor):               # stands in for a hub checkpoint
+    net, tokenizer, image_processor = tiny.load_tiny(mlp=320)     # not the tiny shape: stands in for a hub checkpoint
+    for part in (net, tokenizer, image_processor):
         part.save_pretrained(tmp_path / "model")
     args = T.parse_args(["--model", str(tmp_path / "model"), "--data", "toy", "--lora_rank", "8",
                          "--out_dir", str(tmp_path / "out")])

@@ -236,7 +236,7 @@ def test_help_shows_the_paper_default_and_the_toy_preset(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 1e-06)" in text and "tiny models: --stage both" in text and "--lr 5e-05" in text   # --lr
+    assert "(default: 1e-06)" in text and "a tiny model, or a folder one was saved to: --stage both" in text and "--lr 5e-05" in text   # --lr
     assert all(T.parse_args([]).__dict__[k] == v for k, v in __import__("toy.task").task.PRESET.items())
     assert T.parse_args(["--lr", "3e-4"]).lr == 3e-4                       # the command line wins
 
