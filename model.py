@@ -19,7 +19,6 @@ import os
 import torch
 import transformers
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 # The paper's image limits, 3,136 to 400,000 pixels for Qwen2-VL, as visual tokens (one merged token per
@@ -383,7 +382,7 @@ def head_logprobs(hidden, weight, bias=None, temperature=1.0, suppress_ids=None)
 # ----------------------------------------------------------------------------- weights and special tokens
 
 def is_matmul(module):
-    """Linear and convolution layers: those whose weights autocast casts (and rollout.inference_copy holds cast)."""
+    """Linear and convolution layers: those whose weights autocast casts (and sampling_copy.inference_copy holds cast)."""
     return isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
 
 

@@ -17,7 +17,8 @@ The loop writes out every choice: vision special tokens are suppressed (a sample
 would make the next forward look for an image that is not there), positions are the model's 3-D
 M-RoPE positions carried forward one text position per token, log-probs come from the fp32 LM head
 the scorer uses (`model.head_logprobs`), and a completion ends at its first stop token, which is
-kept in the mask. A bf16 run samples from `inference_copy`, a copy of the policy with its matrices cast once.
+kept in the mask. A bf16 run samples from a copy of the policy with its matrices cast once
+(training/sampling_copy.py).
 """
 import functools
 import logging
@@ -26,11 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from model import (ATTENTION_ONLY, MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, is_matmul, rope_positions,
+from model import (ATTENTION_ONLY, MAX_PROMPT_LEN, build_inputs, fp32_head, head_logprobs, rope_positions,
                    select_rows, special_ids)
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def generate(model, tokenizer, image_processor, images, questions, num_samples=4
     if batch is None:
         return None
     if isinstance(model, FSDPModule):   # the decode step calls the layers' parts, which FSDP's hooks do not see
-        raise TypeError("generate from an unsharded copy of an FSDP model: model.inference_copy(policy)")
+        raise TypeError("generate from an unsharded copy of an FSDP model: training.sampling_copy.inference_copy(policy)")
     device = next(model.parameters()).device
     kept = batch.pop("kept")
     batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
@@ -341,42 +340,3 @@ def sample(logp, top_p=1.0, generators=None, group_size=1):
         u = torch.cat([torch.rand(group_size, logp.shape[1], generator=g, device=logp.device) for g in generators])
     return (logp - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))).argmax(-1)
 
-
-# ----------------------------------------------------------------------------- the sampling copy
-
-def inference_copy(policy, dtype=torch.bfloat16):
-    """A separate, unsharded copy of `policy` to sample from, with its weights in the compute dtype.
-
-    Sampling from the fp32 master weights under autocast casts every matrix to bf16 again at every
-    decoded token; the copy holds them cast once. It holds in `dtype` exactly the weights autocast
-    would cast (those of Linear and Conv layers, LM head excepted) and keeps embeddings, norms and
-    the LM head in fp32, so under the same autocast it computes what the fp32 policy computes: the
-    same bf16 matmuls, an fp32 residual stream and an fp32 LM head. Run it under that autocast.
-    Keep it current with `refresh_inference_copy` after every optimizer step. A LoRA policy has none: its
-    frozen base is held in this layout already and it samples through its own adapted layers (training/lora.py).
-    """
-    with torch.device("meta"):
-        copy = AutoModelForImageTextToText.from_config(policy.config)
-    for module in copy.modules():                          # cast while on meta: no fp32 copy is ever allocated
-        if is_matmul(module) and module is not copy.lm_head:
-            module.to(dtype)
-    copy.to_empty(device=next(policy.parameters()).device).eval().requires_grad_(False)
-    copy.tie_weights()                                     # to_empty gives tied weights separate storage
-    with torch.no_grad():
-        for name, buf in policy.named_buffers():           # rotary frequencies; never sharded
-            copy.get_buffer(name).copy_(buf)
-    copy.generation_config = policy.generation_config
-    refresh_inference_copy(copy, policy)
-    return copy
-
-
-@torch.no_grad()
-def refresh_inference_copy(copy, policy):
-    """Copy the policy's current weights into `copy`, each cast to the copy's dtype for it: one
-    device-side copy per tensor. FSDP2 shards (DTensors) are gathered first, a collective, so under
-    FSDP every rank calls this at the same point."""
-    target, source = dict(copy.named_parameters()), dict(policy.named_parameters())
-    if target.keys() != source.keys():     # a LoRA policy samples through its own layers (training/lora.py)
-        raise ValueError(f"inference copy and policy differ in parameters: {sorted(target.keys() ^ source.keys())[:5]}")
-    for name, p in source.items():
-        target[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)

@@ -17,18 +17,19 @@ One StepGRPO step is `batch = collect(run, step)` then `update(run, batch, ...)`
 Weights stay fp32 (the paper's lr of 1e-6 is below bf16's resolution); on CUDA forward passes run under
 bf16 autocast and rollouts are sampled from a bf16 copy of the weights, refreshed after every step.
 """
-import argparse, dataclasses, json, math, os, signal, sys, time
+import argparse, dataclasses, json, os, signal, sys, time
 
 import torch
 from tqdm import tqdm
 
-import model as M, rewards, rollout
+import model as M, rewards
 from stepgrpo import policy_loss, sampling_mismatch, scaled_advantages
 from grading import official_rewards
 from qwen.tiny import is_tiny
 from benchmarks import harness
 from toy import task as toy
-from training import checkpoint, credit, data, dynamic, flags, heldout, logs, lora, parallel
+from training import checkpoint, credit, data, dynamic, flags, heldout, logs, lora, parallel, sampling_copy
+from training.optim import make_optimizer, optimizer_step
 from training.setup import all_skips, compute_dtype, generate, load_model, lora_reference, open_images, placeholder_rollout, setup
 
 
@@ -99,48 +100,9 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- optimisation and checkpoints
-def make_optimizer(run, lr, weight_decay, steps, warmup_frac, cosine):
-    # The fused kernel where CUDA's configuration runs (M.cuda_config, the CPU stand-in included): the batched
-    # (foreach) default would hold a transient as large as the trained fp32 weights
-    opt = torch.optim.AdamW([q for q in run.policy.parameters() if q.requires_grad], lr=lr, weight_decay=weight_decay,
-                            fused=True if M.cuda_config(run.device) else None)
-    warm = max(1, int(warmup_frac * steps))
-
-    def factor(s):  # SFT: warm-up then cosine (paper); RL: linear decay, no warm-up (official)
-        if s < warm and warmup_frac > 0:
-            return (s + 1) / warm
-        frac = min(1.0, s / max(1, steps))
-        return 0.5 * (1 + math.cos(math.pi * frac)) if cosine else 1.0 - frac
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-
-
+# ----------------------------------------------------------------------------- checkpoints
 class Stop(Exception):
     """--stop_after: the stage saved its checkpoint and the run ends here, as asked (exit 0)."""
-
-
-def optimizer_step(run, optimizer, scheduler, loss_value):
-    """Sync, clip and step, unless the loss (on some rank) or the global gradient norm is not finite: then the
-    update is skipped and logged, so NaN never reaches the weights. Then refresh the sampler's copy of the
-    weights. Returns the gradient norm before clipping."""
-    bad = parallel.all_reduce(float(not math.isfinite(loss_value)), run.device, run.ddp)
-    params = [q for q in run.policy.parameters() if q.requires_grad]
-    parallel.sync_gradients(params, run.world)
-    norm = parallel.clip_gradients(params, 1.0)          # the global norm: the same on every rank
-    if bad or not math.isfinite(norm):
-        run.skipped["nonfinite_loss"] += 1
-        run.skipped_in_a_row += 1
-        run.log.print(f"non-finite {'loss ' + str(loss_value) if bad else 'gradient norm ' + str(norm)}: update skipped")
-    else:
-        optimizer.step()
-        run.skipped_in_a_row = 0
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    if run.sampler is not run.policy:
-        rollout.refresh_inference_copy(run.sampler, run.policy)
-    return norm
 
 
 def end_of_step(run, stage, step, start, last, optimizer, scheduler):
@@ -320,7 +282,7 @@ def load_reference(run):
     if compute_dtype(run.args, run.device) == torch.bfloat16 and not run.args.fsdp:
         # autocast casts every matmul weight to bf16 anyway: kept cast (the sampling copy's layout), the
         # reference computes the same bits in half the memory; under FSDP it stays sharded in fp32 instead.
-        net = rollout.inference_copy(net, torch.bfloat16)
+        net = sampling_copy.inference_copy(net, torch.bfloat16)
     return net.eval().requires_grad_(False)
 
 

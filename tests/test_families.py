@@ -15,6 +15,7 @@ import rollout as R
 import train as T
 from qwen import tiny as qwen_tiny
 from toy import task as toy
+from training import sampling_copy as SC
 from test_model import IMAGES, QUESTIONS
 
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"]
@@ -123,14 +124,14 @@ def test_each_family_takes_its_decoder(tiny, monkeypatch, caplog):
 
 
 def test_the_sampling_copy_is_the_policy(tiny):
-    """rollout.inference_copy rebuilds any family from its config (Qwen3.5's linear-attention parameters too):
+    """sampling_copy.inference_copy rebuilds any family from its config (Qwen3.5's linear-attention parameters too):
     in fp32 it samples exactly what the policy samples; in bf16 it holds the policy's weights cast."""
     policy, tok, ip = tiny
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=12, seeds=[3, 4])
     a = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw)
-    b = R.generate(R.inference_copy(policy, torch.float32), tok, ip, IMAGES, QUESTIONS, **kw)
+    b = R.generate(SC.inference_copy(policy, torch.float32), tok, ip, IMAGES, QUESTIONS, **kw)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
-    half = R.inference_copy(policy, torch.bfloat16)
+    half = SC.inference_copy(policy, torch.bfloat16)
     assert all(torch.equal(q, policy.get_parameter(name).to(q.dtype)) for name, q in half.named_parameters())
     assert {q.dtype for q in half.parameters()} == {torch.bfloat16, torch.float32}
 

@@ -7,6 +7,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from training import data
+from training import sampling_copy as SC
 import model as M
 from conftest import with_head_bias
 import rollout as R
@@ -284,13 +285,13 @@ def cast_equal(copy, master):
     ("model.language_model.norm.weight", torch.float32),
 ])
 def test_inference_copy_holds_matrices_in_the_compute_dtype(tiny, name, dtype):
-    assert R.inference_copy(tiny[0], torch.bfloat16).get_parameter(name).dtype == dtype
+    assert SC.inference_copy(tiny[0], torch.bfloat16).get_parameter(name).dtype == dtype
 
 
 def test_inference_copy_holds_the_cast_master_weights_after_a_step(tiny):
     import copy
     policy = copy.deepcopy(tiny[0])
-    sampler = R.inference_copy(policy, torch.bfloat16)
+    sampler = SC.inference_copy(policy, torch.bfloat16)
     assert cast_equal(sampler, policy)
     assert sampler.lm_head.weight is sampler.model.language_model.embed_tokens.weight    # still tied
     ro = sampled_rollout(tiny)
@@ -298,13 +299,13 @@ def test_inference_copy_holds_the_cast_master_weights_after_a_step(tiny):
     M.completion_logprobs(policy, ro.prompt, ro.completion_ids, 1.3, ro.suppress_ids).sum().backward()
     optimizer.step()
     assert not cast_equal(sampler, policy)                        # a separate copy: the step did not reach it
-    R.refresh_inference_copy(sampler, policy)
+    SC.refresh_inference_copy(sampler, policy)
     assert cast_equal(sampler, policy)
 
 
 def test_fp32_inference_copy_samples_exactly_like_the_policy(tiny):
     policy, tok, ip = tiny
-    sampler = R.inference_copy(policy, torch.float32)
+    sampler = SC.inference_copy(policy, torch.float32)
     kw = dict(num_samples=2, temperature=1.3, max_new_tokens=16, seeds=[3, 4])
     a, b = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw), R.generate(sampler, tok, ip, IMAGES, QUESTIONS, **kw)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
@@ -314,7 +315,7 @@ def test_bf16_copy_computes_what_the_fp32_policy_computes_under_autocast(tiny):
     """Same bf16 matmuls, fp32 residual stream and fp32 head: the copy's samples and log-probs are
     the fp32 policy's under the same autocast, and close to its scoring."""
     policy, tok, ip = tiny
-    sampler = R.inference_copy(policy, torch.bfloat16)
+    sampler = SC.inference_copy(policy, torch.bfloat16)
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=24, seeds=[3, 4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = R.generate(policy, tok, ip, IMAGES, QUESTIONS, **kw), R.generate(sampler, tok, ip, IMAGES, QUESTIONS, **kw)
@@ -337,7 +338,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r}); sys.path.insert(0, {os.path.join(root, "tests")!r})
 import model as M, rollout as R
 from qwen.tiny import builder
-from training import parallel
+from training import parallel, sampling_copy as SC
 from test_model import IMAGES, QUESTIONS, cast_equal
 from torch.distributed.tensor import DTensor
 dist.init_process_group("gloo", init_method="file://{tmp_path}/pg", rank=0, world_size=1)
@@ -352,12 +353,12 @@ assert isinstance(policy.get_parameter("model.language_model.layers.0.mlp.up_pro
 
 def test_refresh_gathers_fsdp2_shards(tmp_path):
     run_sharded(tmp_path, """
-        sampler = R.inference_copy(policy, torch.bfloat16)
+        sampler = SC.inference_copy(policy, torch.bfloat16)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
         for p in policy.parameters():
             p.grad = torch.ones_like(p)
         optimizer.step()
-        R.refresh_inference_copy(sampler, policy)
+        SC.refresh_inference_copy(sampler, policy)
         assert cast_equal(sampler, policy)
     """)
 
@@ -365,7 +366,7 @@ def test_refresh_gathers_fsdp2_shards(tmp_path):
 def test_the_sharded_policys_inference_copy_generates_what_the_plain_policy_does(tmp_path):
     run_sharded(tmp_path, """
         kw = dict(num_samples=2, temperature=1.3, max_new_tokens=12, seeds=[1, 2])
-        a, b = (R.generate(net, tok, ip, IMAGES, QUESTIONS, **kw) for net in (plain, R.inference_copy(policy, torch.float32)))
+        a, b = (R.generate(net, tok, ip, IMAGES, QUESTIONS, **kw) for net in (plain, SC.inference_copy(policy, torch.float32)))
         assert torch.equal(a.completion_ids, b.completion_ids)
     """)
 

@@ -31,10 +31,8 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-import model
-import rollout
 from qwen.tiny import TINY_MODELS
-from training import lora, parallel
+from training import lora, parallel, sampling_copy
 
 
 # Flags that --resume may change: none of them changes what a step computes. Every flag not listed (one added
@@ -273,7 +271,7 @@ def restore(run, stage, optimizer, scheduler):
         run.skipped.update({k: v for k, v in state["skipped"].items() if isinstance(v, int) and k != "bad_image"})
         run.bad_images.update(state.get("bad_images", ()))
     if run.sampler is not run.policy:
-        rollout.refresh_inference_copy(run.sampler, run.policy)
+        sampling_copy.refresh_inference_copy(run.sampler, run.policy)
     if run.master:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             if torn := trim_log(os.path.join(run.args.out_dir, name), stage, state["step"]):

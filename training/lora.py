@@ -5,7 +5,7 @@
 
 LoRA (`--lora_rank R`): every targeted Linear layer W gets W + (alpha/R)·B·A with A [R, in], B [out, R]; B
 starts at zero, so the adapted model starts as the base. The base is frozen and held in the layout of the
-sampling copy (rollout.inference_copy): Linear and Conv weights in the compute dtype (bf16 on CUDA), embeddings,
+sampling copy (sampling_copy.inference_copy): Linear and Conv weights in the compute dtype (bf16 on CUDA), embeddings,
 norms and the LM head in fp32, so under autocast it computes what fp32 weights would. Adapters, their
 gradients and AdamW state are fp32. The RL reference is the same model with its adapters off (`adapters_off`):
 no second copy, and KL exactly 0 at step 0.

@@ -1,6 +1,6 @@
 """training/memory.py: the bytes per GPU a StepGRPO step needs at its peak, counted on models built on the meta
 device by the code train.py runs: load_model's dtypes and FSDP units, lora.add_adapters, freeze_vision,
-rollout.inference_copy, rollout's KV cache shape; activations are counted by running one block of each kind
+sampling_copy.inference_copy, rollout's KV cache shape; activations are counted by running one block of each kind
 on the CPU at the model's width (the whole table: ~50 s and ~1.3 GB of RAM at most on a 2-core CPU).
 
     python bench.py --memory          # the table for the Qwen2-VL-2B and -7B architectures
@@ -35,7 +35,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 import model as M
 import rollout
 from qwen import families, tiny
-from training import lora, parallel
+from training import lora, parallel, sampling_copy
 
 # The published architectures (their config.json): the 2B is random_init's default; the 7B's own LM head.
 ARCHITECTURES = {"Qwen2-VL-2B": dict(model_vocab=151936),
@@ -96,7 +96,7 @@ def reference_bytes(architecture, fsdp, world):
     ref = meta_model(architecture)
     if fsdp:
         return nbytes(ref.parameters(), world)
-    return nbytes(rollout.inference_copy(ref, torch.bfloat16).parameters())
+    return nbytes(sampling_copy.inference_copy(ref, torch.bfloat16).parameters())
 
 
 def matmul_weights(module, skip=()):
@@ -213,7 +213,7 @@ def account(architecture, lora_rank=0, freeze_vision=False, fsdp=False, world=1,
     out = dict(weights=nbytes(params, n), gradients=nbytes(trained, n), optimizer=2 * nbytes(trained, n),
                step_transient=max(shard_bytes(q, n) for q in trained),
                reference=0 if lora_rank else reference_bytes(architecture, fsdp, n),
-               sampling_copy=0 if lora_rank else nbytes(rollout.inference_copy(net, torch.bfloat16).parameters()),   # LoRA samples from the policy
+               sampling_copy=0 if lora_rank else nbytes(sampling_copy.inference_copy(net, torch.bfloat16).parameters()),   # LoRA samples from the policy
                kv_cache=kv_cache_bytes(net), fsdp_gathered=0, autocast_casts=sum(q.numel() * 2 for q in cast))
     if fsdp:
         root = sum(q.numel() * q.element_size() for q in params if id(q) not in in_blocks)

@@ -70,7 +70,7 @@ def shard(net, param_dtype=None):
     With `param_dtype` (bf16 runs) FSDP's mixed precision gathers a block's matmul weights already cast (half
     the bytes), so autocast casts nothing and no bf16 copy of a block outlives its unit; gradients are
     reduced in fp32. The weights autocast would not cast (norms, and any other module's own parameters) get
-    fp32 units of their own: a block then computes exactly what rollout.inference_copy computes, the same bits
+    fp32 units of their own: a block then computes exactly what sampling_copy.inference_copy computes, the same bits
     under autocast as without FSDP. Such a module's own matmuls (Qwen3.5's gated delta net reads its conv
     weight directly) stay in its fp32 unit, cast by autocast. The root stays fp32 (embeddings, LM head)."""
     mixed = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)

@@ -21,7 +21,7 @@ import model as M
 import rollout
 from qwen import tiny
 from toy import task as toy
-from training import checkpoint, data, heldout, lora, logs, parallel
+from training import checkpoint, data, heldout, lora, logs, parallel, sampling_copy
 
 
 @dataclasses.dataclass
@@ -153,7 +153,7 @@ def setup(args):
     # Sampling reads a plain copy in the compute dtype: no autocast casts per token, no FSDP gathers. LoRA samples
     # from the policy itself: its base is in that layout already, its adapters unmerged (training/lora.py).
     own_copy = (bf16 or args.fsdp) and not args.lora_rank
-    sampler = rollout.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if own_copy else policy
+    sampler = sampling_copy.inference_copy(policy, torch.bfloat16 if bf16 else torch.float32) if own_copy else policy
     run = Run(args, ddp, rank, world, device, amp, policy, sampler, tokenizer, image_processor, sft_set, train_set,
               eval_set, logs.Log(args, rank == 0), data_skipped={k: v["skipped"] for k, v in stats.items() if v})
     for line in changes:
