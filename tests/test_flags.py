@@ -108,11 +108,13 @@ def test_eval_n_0_turns_off_a_presets_held_out_evaluation(tmp_path):
 
 def test_a_folder_a_tiny_model_was_saved_to_gets_the_tiny_models_preset(tmp_path):
     """A run from a tiny model's warm-up folder trains at the toy preset, as from the tiny model's name."""
-    tiny.load_tiny()[0].config.save_pretrained(tmp_path / "warmup")
+    for family in tiny.TINY_MODELS.values():
+        tiny.load_tiny(family=family)[0].config.save_pretrained(tmp_path / family)
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "config.json").write_text('{"text_config": {"hidden_size": 1536, "num_hidden_layers": 28}}')
     by_name = T.parse_args(["--model", "tiny"])
-    for folder, preset in (("warmup", toy.PRESET), ("big", toy.PRETRAINED), ("absent", toy.PRETRAINED)):
+    tiny_folders = [(family, toy.PRESET) for family in tiny.TINY_MODELS.values()]
+    for folder, preset in (*tiny_folders, ("big", toy.PRETRAINED), ("absent", toy.PRETRAINED)):
         args = T.parse_args(["--model", str(tmp_path / folder)])
         assert {k: getattr(args, k) for k in preset} == preset, folder
         assert (args.lr == by_name.lr) == (preset is toy.PRESET), folder
