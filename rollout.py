@@ -339,4 +339,3 @@ def sample(logp, top_p=1.0, generators=None, group_size=1):
     else:
         u = torch.cat([torch.rand(group_size, logp.shape[1], generator=g, device=logp.device) for g in generators])
     return (logp - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))).argmax(-1)
-

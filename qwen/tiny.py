@@ -40,7 +40,7 @@ def is_tiny(name):
             config = json.load(f)
     except (OSError, ValueError):
         return False
-    text = config.get("text_config") or config
+    text = (config.get("text_config") or config) if isinstance(config, dict) else None
     return isinstance(text, dict) and [text.get(k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size")] == [
         TINY["hidden"], TINY["text_layers"], TINY["mlp"]]
 

@@ -112,9 +112,11 @@ def test_a_folder_a_tiny_model_was_saved_to_gets_the_tiny_models_preset(tmp_path
         tiny.load_tiny(family=family)[0].config.save_pretrained(tmp_path / family)
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "config.json").write_text('{"text_config": {"hidden_size": 1536, "num_hidden_layers": 28}}')
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('[1]')      # not a config: not a tiny model (its load says why)
     by_name = T.parse_args(["--model", "tiny"])
     tiny_folders = [(family, toy.PRESET) for family in tiny.TINY_MODELS.values()]
-    for folder, preset in (*tiny_folders, ("big", toy.PRETRAINED), ("absent", toy.PRETRAINED)):
+    for folder, preset in (*tiny_folders, ("big", toy.PRETRAINED), ("odd", toy.PRETRAINED), ("absent", toy.PRETRAINED)):
         args = T.parse_args(["--model", str(tmp_path / folder)])
         assert {k: getattr(args, k) for k in preset} == preset, folder
         assert (args.lr == by_name.lr) == (preset is toy.PRESET), folder
